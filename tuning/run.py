@@ -1,0 +1,114 @@
+"""`python -m tuning.run EXPERIMENT`: search fine-tuning hyperparameters, export the best model.
+
+parse -> look up experiment -> load data once -> build Tuner -> fit -> export -> print."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+from experiments import EXPERIMENTS, Experiment
+from trainables.finetune import SharedData
+from tuning import datasets
+from tuning.backbones import BACKBONES
+from tuning.errors import UsageError, exit_on_usage_error
+from tuning.export import export, find_best
+from tuning.images import resize_for
+from tuning.model import build_model
+from tuning.search import Placement, build_tuner, check_resources, start_ray
+
+# --smoke-test: the whole pipeline in about a minute on a 2-core CPU. Explicit flags still win.
+SMOKE = {"samples": 2, "epochs": 2, "image_size": 64, "per_class": 8}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tuning.run", description=__doc__.split("\n")[0])
+    p.add_argument("experiment", nargs="?", help="experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list experiments and backbones, then exit")
+    p.add_argument("--samples", type=int, help="number of trials (default: the experiment's, 32)")
+    p.add_argument("--epochs", type=int, help="max epochs per trial; ASHA stops weak trials sooner")
+    p.add_argument("--backbone", help="pretrained network (default: efficientnet_lite0)")
+    p.add_argument("--weights", type=Path, help="ImageNet state dict for the backbone (else package/hub cache/download)")
+    p.add_argument("--no-pretrained", action="store_true", help="train from random weights (never implied)")
+    p.add_argument("--data-root", help="folder holding the datasets (default: $TUNING_DATA_ROOT, else ./data)")
+    p.add_argument("--storage", default="runs", help="where run dirs go (default: ./runs)")
+    p.add_argument("--name", help="run dir name under --storage (default: the experiment's name)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, fractions allowed (default 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions pack trials on one GPU (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the Optuna sampler and of training (default 0)")
+    p.add_argument("--smoke-test", action="store_true", help="tiny run: 2 samples, 2 epochs, 64 px, 8 images per class")
+    return p.parse_args(argv)
+
+
+def configure(args: argparse.Namespace) -> tuple[Experiment, Placement]:
+    experiment = EXPERIMENTS.get(args.experiment)
+    overrides = dict(SMOKE) if args.smoke_test else {}
+    explicit = {"samples": args.samples, "epochs": args.epochs, "backbone": args.backbone, "seed": args.seed}
+    overrides.update({k: v for k, v in explicit.items() if v is not None})
+    if args.no_pretrained:
+        overrides["pretrained"] = False
+    experiment = dataclasses.replace(experiment, **overrides)
+    BACKBONES.get(experiment.backbone)
+    for flag in ("samples", "epochs"):
+        if getattr(experiment, flag) <= 0:
+            raise UsageError(f"--{flag} must be a positive integer, got {getattr(experiment, flag)}")
+    placement = Placement(
+        storage=args.storage, name=args.name,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+    )
+    return experiment, placement
+
+
+def resolve_weights(experiment: Experiment, weights: Path | None) -> Path | None:
+    """Find and check the pretrained weights in the driver, so a bad file fails before any trial."""
+    if not experiment.pretrained:
+        return None
+    path = weights or BACKBONES.get(experiment.backbone).default_weights()
+    build_model(experiment.backbone, 2, path)  # raises UsageError if the file does not fit
+    return path.resolve()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.list:
+        print("experiments:", ", ".join(EXPERIMENTS.names()))
+        print("backbones:  ", ", ".join(BACKBONES.names()))
+        return
+    with exit_on_usage_error("tuning.run"):
+        if not args.experiment:
+            raise UsageError(f"name an experiment: {', '.join(EXPERIMENTS.names())}")
+        experiment, placement = configure(args)
+        run_dir = placement.run_dir(experiment)
+        if run_dir.exists():
+            raise UsageError(f"run dir {run_dir} exists; pass another --name (or remove it)")
+        weights = resolve_weights(experiment, args.weights)
+        started = time.time()
+        data = datasets.load(
+            datasets.DATASETS.get(experiment.dataset),
+            datasets.resolve_data_root(args.data_root),
+            resize_for(experiment.image_size),
+            experiment.per_class,
+        )
+        print(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.splits.items())} images, "
+              f"classes {data.classes}", flush=True)
+        start_ray()
+        check_resources(placement)
+        tuner = build_tuner(experiment, placement, SharedData(ray.put(data)), weights)
+        results = tuner.fit()
+        best = find_best(results)
+        export_dir = export(best, experiment, data.classes, run_dir)
+    print(f"\nbest hyperparameters: {json.dumps(best.config)}")
+    print(f"best val_acc: {best.metrics['val_acc']:.4f} (epoch {best.metrics['epoch']}, trial {best.trial_id})")
+    print(f"trials: {len(results)}, errored: {len(results.errors)}, wall-clock: {time.time() - started:.0f} s")
+    print(f"exported: {export_dir}")
+    print(f"tensorboard --logdir {run_dir}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""From an experiment to a Ray Tune `Tuner`: the Optuna searcher, ASHA, resources and storage."""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from experiments.base import Experiment
+from search_spaces import SEARCH_SPACES
+from trainables.finetune import SharedData, finetune
+from tuning import metrics as M
+from tuning.backbones import BACKBONES
+from tuning.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a search runs and writes: not part of what is searched."""
+
+    storage: str = "runs"
+    name: str | None = None  # default: the experiment's name
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 2
+
+    def run_dir(self, experiment: Experiment) -> Path:
+        return Path(self.storage).expanduser().resolve() / (self.name or experiment.name)
+
+
+def start_ray() -> None:
+    """A local single-node Ray unless one is already up (tests, or a cluster the user joined).
+    The dashboard stays off: nothing listens on a port unless asked."""
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+
+
+def check_resources(placement: Placement) -> int:
+    """How many trials fit side by side; impossible requests are the user's error."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if placement.cpus_per_trial <= 0 or placement.cpus_per_trial > cpus:
+        raise UsageError(f"--cpus-per-trial {placement.cpus_per_trial:g} must be in (0, {cpus:g}], the CPUs Ray sees")
+    if placement.gpus_per_trial < 0:
+        raise UsageError("--gpus-per-trial must not be negative")
+    if placement.gpus_per_trial > gpus:
+        raise UsageError(f"--gpus-per-trial {placement.gpus_per_trial:g} but Ray sees {gpus:g} GPU(s)")
+    slots = math.floor(cpus / placement.cpus_per_trial + 1e-9)
+    if placement.gpus_per_trial > 0:
+        slots = min(slots, math.floor(gpus / placement.gpus_per_trial + 1e-9))
+    return max(1, slots)
+
+
+def build_tuner(
+    experiment: Experiment, placement: Placement, data: SharedData, weights: Path | None
+) -> tune.Tuner:
+    num_stages = BACKBONES.get(experiment.backbone).num_stages
+    space = functools.partial(SEARCH_SPACES.get(experiment.search_space), num_stages=num_stages)
+    searcher = OptunaSearch(
+        space=space,
+        metric=M.OBJECTIVE,
+        mode=M.MODE,
+        seed=experiment.seed,
+        points_to_evaluate=[dict(experiment.recipe)],
+    )
+    scheduler = ASHAScheduler(
+        time_attr=M.EPOCH,  # our own epoch counter survives restarts; training_iteration may not
+        metric=M.OBJECTIVE,
+        mode=M.MODE,
+        max_t=experiment.epochs,
+        grace_period=experiment.grace_period,
+        reduction_factor=experiment.reduction_factor,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            finetune, experiment=experiment, data=data, weights=str(weights) if weights else None
+        ),
+        {"cpu": placement.cpus_per_trial, "gpu": placement.gpus_per_trial},
+    )
+    run_dir = placement.run_dir(experiment)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=experiment.samples,
+            # OptunaSearch would otherwise keep one trial pending at a time (field notes)
+            max_concurrent_trials=check_resources(placement),
+        ),
+        run_config=tune.RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1,  # the best epoch's; Ray also keeps the latest for restarts
+                checkpoint_score_attribute=M.OBJECTIVE,
+                checkpoint_score_order=M.MODE,
+            ),
+            failure_config=tune.FailureConfig(max_failures=placement.max_failures),
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TBXLoggerCallback()],
+        ),
+    )

@@ -38,14 +38,15 @@ class Best:
 
 
 def find_best(results: ResultGrid) -> Best:
-    """Rank every kept checkpoint (the best epoch of each trial) by val_acc ourselves, rather than
-    trust get_best_result's scope handling (field notes: last vs best epoch surprises)."""
+    """Rank every kept checkpoint by val_acc ourselves, rather than trust get_best_result's scope
+    handling (field notes: last vs best epoch surprises). Within a trial, Ray keeps the latest of
+    epochs tied on val_acc; across trials, a tie goes to the lower val_loss."""
     candidates = []
     for result in results:
         for checkpoint, metrics in result.best_checkpoints or []:
             value = metrics.get(M.OBJECTIVE)
             if value is not None and math.isfinite(value):
-                candidates.append((value, -metrics[M.EPOCH], result, checkpoint, metrics))
+                candidates.append((value, -metrics[M.VAL_LOSS], result, checkpoint, metrics))
     if not candidates:
         raise UsageError("no trial produced a checkpoint; see the errors above")
     value, _, result, checkpoint, metrics = max(candidates, key=lambda c: (c[0], c[1]))

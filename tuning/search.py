@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -18,6 +20,10 @@ from trainables.finetune import SharedData, finetune
 from tuning import metrics as M
 from tuning.backbones import BACKBONES
 from tuning.errors import UsageError
+
+# One checkpoint kept per trial forces a state snapshot at each report; Ray warns about that on
+# every epoch, which is the intended behaviour here.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,10 @@ def check_resources(placement: Placement) -> int:
     return max(1, slots)
 
 
+def trial_dirname(trial: "Trial") -> str:
+    return f"trial_{trial.trial_id}"
+
+
 def build_tuner(
     experiment: Experiment, placement: Placement, data: SharedData, weights: Path | None
 ) -> tune.Tuner:
@@ -92,6 +102,8 @@ def build_tuner(
             num_samples=experiment.samples,
             # OptunaSearch would otherwise keep one trial pending at a time (field notes)
             max_concurrent_trials=check_resources(placement),
+            reuse_actors=True,  # a new trial skips the worker start-up and re-imports
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=run_dir.name,

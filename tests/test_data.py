@@ -1,0 +1,109 @@
+"""Finding, fetching and decoding datasets; the preprocessing shared by validation and predict."""
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_image_folder
+from tuning import datasets
+from tuning.datasets import FolderSource, load
+from tuning.errors import UsageError
+from tuning.images import Normalize, eval_batch, eval_tensor, resize_for
+
+SRC = FolderSource("set")
+
+
+def test_load_decodes_every_format_and_skips_corrupt_files(tmp_path, capsys):
+    make_image_folder(tmp_path / "set", {"train": 4, "val": 3})
+    bad = tmp_path / "set" / "train" / "bees" / "truncated.jpg"
+    bad.write_bytes((tmp_path / "set" / "train" / "bees" / "img3.jpg").read_bytes()[:100])
+    data = load(SRC, tmp_path, resize=36)
+    assert data.classes == ["ants", "bees"]
+    assert len(data.splits["train"]) == 8 and len(data.splits["val"]) == 6
+    assert all(a.ndim == 3 and a.shape[2] == 3 and min(a.shape[:2]) == 36 for a in data.splits["train"].images)
+    assert any(p.endswith("img2 copy.jpg") for p in data.splits["train"].paths)
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image" in err and "truncated.jpg" in err
+
+
+def test_subset_keeps_per_class_counts(tmp_path):
+    make_image_folder(tmp_path / "set", {"train": 5, "val": 5})
+    data = load(SRC, tmp_path, resize=36, per_class=2)
+    assert np.bincount(data.splits["val"].labels).tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("one_class", "at least two"),
+    ("empty_class", "holds no images"),
+    ("val_classes_differ", "but train has"),
+    ("all_unreadable", "no readable image"),
+])
+def test_broken_folders_are_usage_errors(tmp_path, breakage, message):
+    make_image_folder(tmp_path / "set", {"train": 3, "val": 3}, classes=("a", "b"))
+    base = tmp_path / "set"
+    if breakage == "one_class":
+        for split in ("train", "val"):
+            for f in (base / split / "b").iterdir():
+                f.unlink()
+            (base / split / "b").rmdir()
+    elif breakage == "empty_class":
+        for f in (base / "val" / "b").iterdir():
+            f.unlink()
+    elif breakage == "val_classes_differ":
+        (base / "val" / "b").rename(base / "val" / "c")
+    elif breakage == "all_unreadable":
+        for f in (base / "val" / "a").iterdir():
+            f.write_bytes(b"garbage")
+    with pytest.raises(UsageError, match=message):
+        load(SRC, tmp_path, resize=36)
+
+
+def test_absent_dataset_whose_download_fails_says_where_to_put_it(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UsageError, match=f"put the 'hymenoptera_data' folder under {tmp_path}"):
+        load(datasets.DATASETS.get("hymenoptera"), tmp_path, resize=36)
+    assert list(tmp_path.iterdir()) == []  # a failed fetch leaves nothing behind
+
+
+def test_download_is_checked_and_extracted(tmp_path, monkeypatch):
+    import io, zipfile, hashlib
+
+    make_image_folder(tmp_path / "src" / "set", {"train": 2, "val": 2})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in (tmp_path / "src").rglob("*"):
+            if f.is_file():
+                zf.write(f, f.relative_to(tmp_path / "src"))
+    payload = buf.getvalue()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    root = tmp_path / "root"
+    wrong = FolderSource("set", url="http://example.invalid/set.zip", sha1="0" * 40)
+    with pytest.raises(UsageError, match="does not match"):
+        load(wrong, root, resize=36)
+    good = FolderSource("set", url="http://example.invalid/set.zip", sha1=hashlib.sha1(payload).hexdigest())
+    assert len(load(good, root, resize=36).splits["train"]) == 4
+
+
+def test_data_root_precedence(monkeypatch):
+    monkeypatch.setenv(datasets.DATA_ROOT_ENV, "/from/env")
+    assert datasets.resolve_data_root("/explicit") == Path("/explicit")
+    assert datasets.resolve_data_root(None) == Path("/from/env")
+    monkeypatch.delenv(datasets.DATA_ROOT_ENV)
+    assert datasets.resolve_data_root(None) == Path("data")
+
+
+def test_predict_preprocessing_is_validation_preprocessing(tmp_path):
+    make_image_folder(tmp_path / "set", {"train": 2, "val": 2})
+    data = load(SRC, tmp_path, resize=resize_for(32))
+    norm = Normalize((0.5,) * 3, (0.5,) * 3)
+    val = data.splits["val"]
+    batch = norm(eval_batch(val.images, 32))
+    for i, path in enumerate(val.paths):
+        assert torch.equal(eval_tensor(path, 32, norm)[0], batch[i])

@@ -1,0 +1,139 @@
+"""`python -m tuning.report RUN_DIR`: a ranked table and plots of a finished, running or resumed
+search: val_acc per epoch for every trial, val_acc against each hyperparameter, and the
+hyperparameters' importance (Optuna's fANOVA)."""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+from ray.tune import ExperimentAnalysis  # noqa: E402
+
+from experiments.base import Experiment  # noqa: E402
+from search_spaces import SEARCH_SPACES  # noqa: E402
+from tuning import metrics as M  # noqa: E402
+from tuning import results  # noqa: E402
+from tuning.backbones import BACKBONES  # noqa: E402
+from tuning.errors import UsageError, exit_on_usage_error  # noqa: E402
+from tuning.rundir import SPEC_FILE, load_spec  # noqa: E402
+
+LOG_SCALE = {"lr", "head_lr_mult", "weight_decay"}
+
+
+def ranked(table: pd.DataFrame) -> pd.DataFrame:
+    return table.sort_values("best_val_acc", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def importances(table: pd.DataFrame, experiment: Experiment) -> dict[str, float]:
+    """Replay each finished trial through the search space into a fresh study, so Optuna knows the
+    distributions, then ask fANOVA. Empty when there is too little to tell."""
+    done = table[table["best_val_acc"].notna()]
+    hp_cols = [c for c in table.columns if c.startswith("hp_")]
+    if len(done) < 3 or done["best_val_acc"].nunique() < 2:
+        return {}
+    space = functools.partial(
+        SEARCH_SPACES.get(experiment.search_space), num_stages=BACKBONES.get(experiment.backbone).num_stages
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _, row in done.iterrows():
+        study.enqueue_trial({c[3:]: row[c] for c in hp_cols})
+        trial = study.ask()
+        space(trial)
+        study.tell(trial, float(row["best_val_acc"]))
+    return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+
+
+def plot_curves(run_dir: Path, table: pd.DataFrame, max_epochs: int, out: Path) -> None:
+    frames = ExperimentAnalysis(str(run_dir)).trial_dataframes
+    status = dict(zip(table["trial_id"], table["status"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = {results.COMPLETED: "tab:blue", results.STOPPED: "tab:gray", results.ERRORED: "tab:red",
+               results.DIVERGED: "tab:red", results.RUNNING: "tab:green"}
+    for path, df in frames.items():
+        if M.EPOCH not in df or df.empty:
+            continue
+        trial_id = Path(path).name.removeprefix("trial_")
+        s = status.get(trial_id, results.RUNNING)
+        ax.plot(df[M.EPOCH], df[M.VAL_ACC], "-", color=colours.get(s, "tab:blue"), alpha=0.6, lw=1.2)
+        ax.plot(df[M.EPOCH].iloc[-1], df[M.VAL_ACC].iloc[-1], "x" if s == results.STOPPED else "o",
+                color=colours.get(s, "tab:blue"), ms=5)
+    for s, c in colours.items():
+        if s in status.values():
+            ax.plot([], [], color=c, label=s)
+    ax.set(xlabel="epoch", ylabel="val_acc", xlim=(0.8, max_epochs + 0.2),
+           title="val_acc per epoch (x: stopped early by ASHA)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_hparams(table: pd.DataFrame, out: Path) -> None:
+    hp_cols = [c for c in table.columns if c.startswith("hp_")]
+    fig, axes = plt.subplots(1, len(hp_cols), figsize=(4 * len(hp_cols), 3.6), sharey=True)
+    for ax, col in zip(axes if len(hp_cols) > 1 else [axes], hp_cols):
+        ax.scatter(table[col], table["best_val_acc"], c=table["epochs_run"], cmap="viridis", s=28)
+        if col[3:] in LOG_SCALE:
+            ax.set_xscale("log")
+        ax.set(xlabel=col[3:])
+        ax.grid(alpha=0.3)
+    (axes[0] if len(hp_cols) > 1 else axes).set_ylabel("best val_acc (colour: epochs run)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_importance(scores: dict[str, float], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3))
+    names = list(scores)[::-1]
+    ax.barh(names, [scores[n] for n in names], color="tab:blue")
+    ax.set(xlabel="importance (fANOVA, share of val_acc variance)", title="hyperparameter importance")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def report(run_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
+    if not (run_dir / SPEC_FILE).is_file():
+        raise UsageError(f"{run_dir} is not a run dir (no {SPEC_FILE})")
+    experiment, _ = load_spec(run_dir)
+    table = ranked(results.collect(run_dir))
+    pngs = [run_dir / "val_acc_per_epoch.png", run_dir / "val_acc_vs_hparams.png"]
+    plot_curves(run_dir, table, experiment.epochs, pngs[0])
+    plot_hparams(table, pngs[1])
+    scores = importances(table, experiment)
+    if scores:
+        pngs.append(run_dir / "hparam_importance.png")
+        plot_importance(scores, pngs[-1])
+    return table, pngs
+
+
+def format_table(table: pd.DataFrame) -> str:
+    cols = ["trial_id", *[c for c in table.columns if c.startswith("hp_")],
+            "best_val_acc", "best_epoch", "epochs_run", "status", "wall_time_s"]
+    shown = table[cols].rename(columns=lambda c: c.removeprefix("hp_"))
+    return shown.to_string(index=True, float_format=lambda v: f"{v:.4g}" if not math.isnan(v) else "-")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tuning.report", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    with exit_on_usage_error("tuning.report"):
+        table, pngs = report(args.run_dir.resolve())
+    print(format_table(table))
+    for png in pngs:
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()

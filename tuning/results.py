@@ -1,0 +1,77 @@
+"""`<run dir>/results.parquet`: one row per trial, read from the run dir alone, so it can be
+built for a finished, a running or a resumed search."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.tune import ExperimentAnalysis
+
+from tuning import metrics as M
+from tuning.export import META_FILE
+from tuning.rundir import load_spec
+
+RESULTS_FILE = "results.parquet"
+COMPLETED, STOPPED, ERRORED, DIVERGED, RUNNING, PENDING = (
+    "completed", "stopped early", "errored", "diverged", "running", "pending",
+)
+
+
+def trial_status(ray_status: str, history: pd.DataFrame, max_epochs: int) -> str:
+    if ray_status == "ERROR":
+        return ERRORED
+    if ray_status in ("PENDING", "PAUSED") and history.empty:
+        return PENDING
+    if ray_status != "TERMINATED":
+        return RUNNING
+    if not history.empty and not math.isfinite(history[M.TRAIN_LOSS].iloc[-1]):
+        return DIVERGED
+    epochs = int(history[M.EPOCH].max()) if not history.empty else 0
+    return COMPLETED if epochs >= max_epochs else STOPPED
+
+
+def collect(run_dir: Path) -> pd.DataFrame:
+    experiment, _ = load_spec(run_dir)
+    analysis = ExperimentAnalysis(str(run_dir))
+    frames = analysis.trial_dataframes
+    exported = _exported(run_dir)
+    rows = []
+    for trial in analysis.trials:
+        history = frames.get(trial.path, pd.DataFrame())
+        if M.EPOCH not in history:
+            history = pd.DataFrame(columns=[M.EPOCH, M.VAL_ACC, M.TRAIN_LOSS, "time_total_s", M.NODE_ID])
+        best = history.loc[history[M.VAL_ACC].idxmax()] if history[M.VAL_ACC].notna().any() else None
+        row: dict[str, Any] = {"trial_id": trial.trial_id}
+        row.update({f"hp_{k}": v for k, v in trial.config.items()})
+        row.update(
+            best_val_acc=float(best[M.VAL_ACC]) if best is not None else None,
+            best_epoch=int(best[M.EPOCH]) if best is not None else None,
+            last_val_acc=float(history[M.VAL_ACC].iloc[-1]) if len(history) else None,
+            epochs_run=int(history[M.EPOCH].max()) if len(history) else 0,
+            status=trial_status(trial.status, history, experiment.epochs),
+            wall_time_s=float(history["time_total_s"].iloc[-1]) if len(history) else 0.0,
+            node_id=str(history[M.NODE_ID].iloc[-1]) if len(history) and M.NODE_ID in history else None,
+            exported=trial.trial_id == exported.get("trial_id"),
+            test_acc=exported.get("metrics", {}).get(M.TEST_ACC) if trial.trial_id == exported.get("trial_id") else None,
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _exported(run_dir: Path) -> dict[str, Any]:
+    meta = run_dir / "best" / META_FILE
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def write(run_dir: Path) -> Path:
+    table = pa.Table.from_pandas(collect(run_dir), preserve_index=False)
+    path = run_dir / RESULTS_FILE
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path

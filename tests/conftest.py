@@ -74,3 +74,17 @@ def hymenoptera_root() -> Path | None:
     if root and (Path(root) / "hymenoptera_data").is_dir():
         return Path(root)
     return None
+
+
+@pytest.fixture(scope="session")
+def finished_run(ray_session, tiny_root, tiny_experiment, tmp_path_factory) -> Path:
+    """One real search of the tiny experiment, shared by the tests that inspect its outputs."""
+    from tuning.run import main
+
+    storage = tmp_path_factory.mktemp("runs")
+    main(["tiny", "--data-root", str(tiny_root), "--storage", str(storage), "--seed", "3"])
+    return storage / "tiny"
+
+
+def trial_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("trial_*") if p.is_dir())

@@ -14,17 +14,7 @@ from tuning import metrics as M
 from tuning.export import META_FILE
 from tuning.predict import predict
 from tuning.run import main
-
-
-@pytest.fixture(scope="module")
-def finished_run(ray_session, tiny_root, tiny_experiment, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    main(["tiny", "--data-root", str(tiny_root), "--storage", str(storage), "--seed", "3"])
-    return storage / "tiny"
-
-
-def trial_dirs(run_dir: Path) -> list[Path]:
-    return sorted(p for p in run_dir.glob("trial_*") if p.is_dir())
+from tests.conftest import trial_dirs
 
 
 def progress(trial_dir: Path) -> pd.DataFrame:

@@ -30,7 +30,6 @@ from tuning.images import Normalize, TrainAugment, eval_batch
 from tuning.model import FineTuneNet, build_model
 
 CHECKPOINT_FILE = "state.pt"
-# Test-only fault injection: "raise@EPOCH" raises in that epoch, "nan" makes every loss NaN.
 FAULT_ENV = "TUNING_TEST_FAULT"
 
 
@@ -66,17 +65,24 @@ def finetune(
     val_y = torch.from_numpy(val.labels)
     # from the configuration, not Ray's random trial id: the same --seed trains the same way
     trial_seed = experiment.seed + zlib.crc32(json.dumps(config, sort_keys=True).encode())
+    node = ray.get_runtime_context().get_node_id()
     for epoch in range(start, experiment.epochs):
         torch.manual_seed(trial_seed + epoch)
-        train_loss, images_per_s = train_one_epoch(model, optimizer, train, augment, norm, hp.batch_size, device, epoch)
+        train_loss, images_per_s = train_one_epoch(
+            model, optimizer, train, augment, norm, hp.batch_size, device, epoch, config
+        )
+        if not math.isfinite(train_loss):
+            # Diverged: end the trial as the worst possible result, which ASHA and Optuna still
+            # learn from. No checkpoint and no exception, so no retry storm.
+            tune.report({M.VAL_ACC: 0.0, M.VAL_LOSS: float("nan"), M.TRAIN_LOSS: train_loss,
+                         M.EPOCH: epoch + 1, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node})
+            return
         schedule.step()
         val_loss, val_acc = evaluate(model, val_x, val_y, norm, device)
         report(model, optimizer, schedule, epoch, {
             M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, M.TRAIN_LOSS: train_loss,
-            M.EPOCH: epoch + 1, M.IMAGES_PER_S: images_per_s,
+            M.EPOCH: epoch + 1, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node,
         })
-        if not math.isfinite(train_loss):
-            return  # diverged: the NaN result above is this trial's last word; retrying cannot help
 
 
 def _stats(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -101,7 +107,7 @@ def build_optimizer(model: FineTuneNet, hp: HParams) -> torch.optim.Optimizer:
 
 def train_one_epoch(
     model: FineTuneNet, optimizer: torch.optim.Optimizer, split: Split, augment: TrainAugment,
-    norm: Normalize, batch_size: int, device: torch.device, epoch: int,
+    norm: Normalize, batch_size: int, device: torch.device, epoch: int, config: dict[str, Any] | None = None,
 ) -> tuple[float, float]:
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -113,8 +119,9 @@ def train_one_epoch(
             break
         x = norm(augment([split.images[j] for j in idx]).to(device))
         y = torch.from_numpy(split.labels[idx]).to(device)
-        loss = loss_fn(model(x), y)
-        loss = _inject_fault(loss, epoch)
+        loss = _inject_fault(loss_fn(model(x), y), epoch, config or {})
+        if not torch.isfinite(loss):
+            return float("nan"), seen / (time.perf_counter() - start)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -162,12 +169,24 @@ def restore(model, optimizer, schedule) -> int:
     return int(state["epoch"])
 
 
-def _inject_fault(loss: torch.Tensor, epoch: int) -> torch.Tensor:
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault == "nan":
+def _inject_fault(loss: torch.Tensor, epoch: int, config: dict[str, Any]) -> torch.Tensor:
+    """Test-only hook, read from $TUNING_TEST_FAULT = KIND[,PARAM=VALUE]: `nan` makes every loss
+    NaN; `raise@E` raises in epoch E on a trial's first attempt only (a retry can succeed);
+    `raise-always@E` raises in epoch E on every attempt. With `,PARAM=VALUE` only trials whose
+    hyperparameter PARAM has that value are hit."""
+    spec, _, condition = os.environ.get(FAULT_ENV, "").partition(",")
+    if condition:
+        key, _, value = condition.partition("=")
+        if str(config.get(key)) != value:
+            return loss
+    if spec == "nan":
         return loss * float("nan")
-    if fault.startswith("raise@") and epoch == int(fault.split("@")[1]) and tune.get_checkpoint() is None:
-        raise RuntimeError(f"injected fault in epoch {epoch}")
+    kind, _, at = spec.partition("@")
+    if kind in ("raise", "raise-always") and epoch == int(at):
+        marker = Path(tune.get_context().get_trial_dir()) / ".fault_injected"
+        if kind == "raise-always" or not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"injected fault in epoch {epoch}")
     return loss
 
 

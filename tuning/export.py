@@ -73,19 +73,25 @@ def export(best: Best, experiment: Experiment, classes: list[str], run_dir: Path
         "experiment": experiment.name,
     }
     state = load_state(best.checkpoint_path)["model"]
-    target = run_dir / "best"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".best-", dir=run_dir))
-    torch.save(state, tmp / MODEL_FILE)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    old = None
-    if target.exists():
-        old = run_dir / f".best-old-{os.getpid()}"
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
-    return target
+    versions = run_dir / ".exports"
+    versions.mkdir(parents=True, exist_ok=True)
+    version = Path(tempfile.mkdtemp(prefix="best-", dir=versions))
+    torch.save(state, version / MODEL_FILE)
+    (version / META_FILE).write_text(json.dumps(meta, indent=2))
+    swap_link(run_dir / "best", version)
+    return run_dir / "best"
+
+
+def swap_link(link: Path, version: Path) -> None:
+    """`best` is a relative symlink to a complete version dir, replaced in one rename: a crash at
+    any point leaves either the previous export or the new one, never half of one."""
+    tmp_link = link.with_name(f".{link.name}.{os.getpid()}")
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(version.relative_to(link.parent))
+    previous = link.resolve() if link.is_symlink() else None
+    tmp_link.replace(link)
+    if previous is not None and previous != version.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def add_metrics(export_dir: Path, extra: dict[str, float]) -> None:

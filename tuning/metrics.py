@@ -6,6 +6,7 @@ TRAIN_LOSS = "train_loss"
 EPOCH = "epoch"
 IMAGES_PER_S = "images_per_s"
 TEST_ACC = "test_acc"
+NODE_ID = "node_id"  # the Ray node a result came from (a string, not plotted)
 
 # The searcher, ASHA and the export all rank trials by this, higher is better.
 OBJECTIVE = VAL_ACC

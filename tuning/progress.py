@@ -28,6 +28,9 @@ class StatusLine(Callback):
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self.print(trials, force=True)
 
+    def on_experiment_end(self, trials: list[Trial], **info) -> None:
+        self.print(trials, force=True)
+
     def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
         self.print(trials)
 

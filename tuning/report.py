@@ -11,6 +11,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -57,10 +58,9 @@ def plot_curves(run_dir: Path, table: pd.DataFrame, max_epochs: int, out: Path) 
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = {results.COMPLETED: "tab:blue", results.STOPPED: "tab:gray", results.ERRORED: "tab:red",
                results.DIVERGED: "tab:red", results.RUNNING: "tab:green"}
-    for path, df in frames.items():
+    for trial_id, df in frames.items():
         if M.EPOCH not in df or df.empty:
             continue
-        trial_id = Path(path).name.removeprefix("trial_")
         s = status.get(trial_id, results.RUNNING)
         ax.plot(df[M.EPOCH], df[M.VAL_ACC], "-", color=colours.get(s, "tab:blue"), alpha=0.6, lw=1.2)
         ax.plot(df[M.EPOCH].iloc[-1], df[M.VAL_ACC].iloc[-1], "x" if s == results.STOPPED else "o",
@@ -84,6 +84,10 @@ def plot_hparams(table: pd.DataFrame, out: Path) -> None:
         ax.scatter(table[col], table["best_val_acc"], c=table["epochs_run"], cmap="viridis", s=28)
         if col[3:] in LOG_SCALE:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        elif col == "hp_batch_size":
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set(xlabel=col[3:])
         ax.grid(alpha=0.3)
     (axes[0] if len(hp_cols) > 1 else axes).set_ylabel("best val_acc (colour: epochs run)")

@@ -42,7 +42,7 @@ def collect(run_dir: Path) -> pd.DataFrame:
     exported = _exported(run_dir)
     rows = []
     for trial in analysis.trials:
-        history = frames.get(trial.path, pd.DataFrame())
+        history = frames.get(trial.trial_id, pd.DataFrame())
         if M.EPOCH not in history:
             history = pd.DataFrame(columns=[M.EPOCH, M.VAL_ACC, M.TRAIN_LOSS, "time_total_s", M.NODE_ID])
         best = history.loc[history[M.VAL_ACC].idxmax()] if history[M.VAL_ACC].notna().any() else None

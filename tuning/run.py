@@ -14,13 +14,14 @@ import ray
 
 from experiments import EXPERIMENTS, Experiment
 from trainables.finetune import SharedData
-from tuning import datasets
+from tuning import datasets, results
 from tuning.backbones import BACKBONES
 from tuning.errors import UsageError, exit_on_usage_error
 from tuning.export import export, find_best
 from tuning.images import resize_for
 from tuning.model import build_model
-from tuning.search import Placement, build_tuner, check_resources, start_ray
+from tuning.rundir import check_run_dir, check_same_experiment, check_storage, save_spec
+from tuning.search import Placement, build_tuner, check_resources, make_trainable, restore_tuner, start_ray
 
 # --smoke-test: the whole pipeline in about a minute on a 2-core CPU. Explicit flags still win.
 SMOKE = {"samples": 2, "epochs": 2, "image_size": 64, "per_class": 8}
@@ -38,14 +39,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", help="folder holding the datasets (default: $TUNING_DATA_ROOT, else ./data)")
     p.add_argument("--storage", default="runs", help="where run dirs go (default: ./runs)")
     p.add_argument("--name", help="run dir name under --storage (default: the experiment's name)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search in the run dir")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, fractions allowed (default 1)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions pack trials on one GPU (default 0)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a trial that raised, from its last checkpoint (default 2)")
     p.add_argument("--seed", type=int, help="seed of the Optuna sampler and of training (default 0)")
     p.add_argument("--smoke-test", action="store_true", help="tiny run: 2 samples, 2 epochs, 64 px, 8 images per class")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard, on 127.0.0.1 only")
+    p.add_argument("--verbose", action="store_true", help="Ray's full progress tables and logs instead of one status line")
     return p.parse_args(argv)
 
 
 def configure(args: argparse.Namespace) -> tuple[Experiment, Placement]:
+    if not args.experiment:
+        raise UsageError(f"name an experiment: {', '.join(EXPERIMENTS.names())}")
     experiment = EXPERIMENTS.get(args.experiment)
     overrides = dict(SMOKE) if args.smoke_test else {}
     explicit = {"samples": args.samples, "epochs": args.epochs, "backbone": args.backbone, "seed": args.seed}
@@ -57,9 +64,11 @@ def configure(args: argparse.Namespace) -> tuple[Experiment, Placement]:
     for flag in ("samples", "epochs"):
         if getattr(experiment, flag) <= 0:
             raise UsageError(f"--{flag} must be a positive integer, got {getattr(experiment, flag)}")
+    if args.max_failures < 0:
+        raise UsageError("--max-failures must not be negative")
     placement = Placement(
-        storage=args.storage, name=args.name,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        storage=args.storage, name=args.name, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures, verbose=args.verbose,
     )
     return experiment, placement
 
@@ -73,39 +82,58 @@ def resolve_weights(experiment: Experiment, weights: Path | None) -> Path | None
     return path.resolve()
 
 
+def load_data(experiment: Experiment, data_root: str | None) -> datasets.Dataset:
+    data = datasets.load(
+        datasets.DATASETS.get(experiment.dataset),
+        datasets.resolve_data_root(data_root),
+        resize_for(experiment.image_size),
+        experiment.per_class,
+    )
+    print(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.splits.items())} images, "
+          f"classes {data.classes}", flush=True)
+    return data
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.list:
         print("experiments:", ", ".join(EXPERIMENTS.names()))
         print("backbones:  ", ", ".join(BACKBONES.names()))
         return
+    started = time.time()
     with exit_on_usage_error("tuning.run"):
-        if not args.experiment:
-            raise UsageError(f"name an experiment: {', '.join(EXPERIMENTS.names())}")
         experiment, placement = configure(args)
         run_dir = placement.run_dir(experiment)
-        if run_dir.exists():
-            raise UsageError(f"run dir {run_dir} exists; pass another --name (or remove it)")
+        check_storage(run_dir.parent)
+        check_run_dir(run_dir, args.resume)
+        if args.resume:
+            check_same_experiment(run_dir, experiment)
         weights = resolve_weights(experiment, args.weights)
-        started = time.time()
-        data = datasets.load(
-            datasets.DATASETS.get(experiment.dataset),
-            datasets.resolve_data_root(args.data_root),
-            resize_for(experiment.image_size),
-            experiment.per_class,
-        )
-        print(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.splits.items())} images, "
-              f"classes {data.classes}", flush=True)
-        start_ray()
+        data = load_data(experiment, args.data_root)
+        start_ray(args.dashboard)
         check_resources(placement)
-        tuner = build_tuner(experiment, placement, SharedData(ray.put(data)), weights)
-        results = tuner.fit()
-        best = find_best(results)
+        trainable = make_trainable(experiment, placement, SharedData(ray.put(data)), weights)
+        if args.resume:
+            tuner = restore_tuner(run_dir, trainable)
+        else:
+            save_spec(run_dir, experiment, data.classes)
+            tuner = build_tuner(experiment, placement, trainable)
+        grid = tuner.fit()
+        best = find_best(grid)
         export_dir = export(best, experiment, data.classes, run_dir)
+        table = results.write(run_dir)
+    print_summary(grid, best, export_dir, table, run_dir, time.time() - started)
+
+
+def print_summary(grid, best, export_dir: Path, table: Path, run_dir: Path, wall_s: float) -> None:
     print(f"\nbest hyperparameters: {json.dumps(best.config)}")
     print(f"best val_acc: {best.metrics['val_acc']:.4f} (epoch {best.metrics['epoch']}, trial {best.trial_id})")
-    print(f"trials: {len(results)}, errored: {len(results.errors)}, wall-clock: {time.time() - started:.0f} s")
+    print(f"trials: {len(grid)}, errored: {len(grid.errors)}, wall-clock: {wall_s:.0f} s")
+    for result in grid:
+        if result.error is not None:
+            print(f"  errored: trial {result.path.rsplit('_', 1)[-1]}: {str(result.error).strip().splitlines()[-1][:200]}")
     print(f"exported: {export_dir}")
+    print(f"results: {table}  (python -m tuning.report {run_dir})")
     print(f"tensorboard --logdir {run_dir}")
     sys.stdout.flush()
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from experiments.base import Experiment
+from tuning.errors import UsageError
 
 SPEC_FILE = "run.json"
 
@@ -21,3 +23,28 @@ def save_spec(run_dir: Path, experiment: Experiment, classes: list[str]) -> None
 def load_spec(run_dir: Path) -> tuple[Experiment, list[str]]:
     spec = json.loads((run_dir / SPEC_FILE).read_text())
     return Experiment(**spec["experiment"]), spec["classes"]
+
+
+def check_storage(storage: Path) -> None:
+    """Fail before any work if the run dir cannot be written; creates nothing."""
+    probe = storage
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--storage {storage} is not writable ({probe} is not a writable folder)")
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume and not (run_dir / SPEC_FILE).is_file():
+        raise UsageError(f"nothing to resume: {run_dir} holds no run started by tuning.run")
+    if not resume and run_dir.exists():
+        raise UsageError(f"run dir {run_dir} exists; pass --resume to continue it, or another --name")
+
+
+def check_same_experiment(run_dir: Path, experiment: Experiment) -> None:
+    """--resume continues the search as it was started; a changed setting would make it another."""
+    saved, _ = load_spec(run_dir)
+    for f in dataclasses.fields(Experiment):
+        was, now = getattr(saved, f.name), getattr(experiment, f.name)
+        if was != now:
+            raise UsageError(f"--resume continues the run as started: {f.name} was {was!r}, now {now!r}")

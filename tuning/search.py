@@ -20,6 +20,7 @@ from trainables.finetune import SharedData, finetune
 from tuning import metrics as M
 from tuning.backbones import BACKBONES
 from tuning.errors import UsageError
+from tuning.progress import StatusLine
 
 # One checkpoint kept per trial forces a state snapshot at each report; Ray warns about that on
 # every epoch, which is the intended behaviour here.
@@ -34,17 +35,19 @@ class Placement:
     name: str | None = None  # default: the experiment's name
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
-    max_failures: int = 2
+    max_failures: int = 2  # retries of a trial that raised, from its last checkpoint
+    verbose: bool = False  # Ray's own progress tables instead of our status line
 
     def run_dir(self, experiment: Experiment) -> Path:
         return Path(self.storage).expanduser().resolve() / (self.name or experiment.name)
 
 
-def start_ray() -> None:
+def start_ray(dashboard: bool = False) -> None:
     """A local single-node Ray unless one is already up (tests, or a cluster the user joined).
-    The dashboard stays off: nothing listens on a port unless asked."""
+    The dashboard stays off unless asked for, and then listens on 127.0.0.1 only."""
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 configure_logging=False, log_to_driver=True)
 
 
 def check_resources(placement: Placement) -> int:
@@ -67,9 +70,18 @@ def trial_dirname(trial: "Trial") -> str:
     return f"trial_{trial.trial_id}"
 
 
-def build_tuner(
+def make_trainable(
     experiment: Experiment, placement: Placement, data: SharedData, weights: Path | None
-) -> tune.Tuner:
+) -> tune.Trainable:
+    return tune.with_resources(
+        tune.with_parameters(
+            finetune, experiment=experiment, data=data, weights=str(weights) if weights else None
+        ),
+        {"cpu": placement.cpus_per_trial, "gpu": placement.gpus_per_trial},
+    )
+
+
+def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Trainable) -> tune.Tuner:
     num_stages = BACKBONES.get(experiment.backbone).num_stages
     space = functools.partial(SEARCH_SPACES.get(experiment.search_space), num_stages=num_stages)
     searcher = OptunaSearch(
@@ -86,12 +98,6 @@ def build_tuner(
         max_t=experiment.epochs,
         grace_period=experiment.grace_period,
         reduction_factor=experiment.reduction_factor,
-    )
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            finetune, experiment=experiment, data=data, weights=str(weights) if weights else None
-        ),
-        {"cpu": placement.cpus_per_trial, "gpu": placement.gpus_per_trial},
     )
     run_dir = placement.run_dir(experiment)
     return tune.Tuner(
@@ -114,6 +120,23 @@ def build_tuner(
                 checkpoint_score_order=M.MODE,
             ),
             failure_config=tune.FailureConfig(max_failures=placement.max_failures),
-            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TBXLoggerCallback()],
+            callbacks=callbacks(experiment, placement),
+            verbose=None if placement.verbose else 0,
         ),
     )
+
+
+def callbacks(experiment: Experiment, placement: Placement) -> list[tune.Callback]:
+    loggers: list[tune.Callback] = [CSVLoggerCallback(), JsonLoggerCallback(), TBXLoggerCallback()]
+    if placement.verbose:
+        return loggers
+    return [*loggers, StatusLine(experiment.samples, experiment.epochs)]
+
+
+def restore_tuner(run_dir: Path, trainable: tune.Trainable) -> tune.Tuner:
+    """Continue an interrupted search with its own OptunaSearch state (not a fresh searcher):
+    finished trials stay finished, unfinished ones continue from their last checkpoint, and trials
+    that errored get their retries again."""
+    if not tune.Tuner.can_restore(str(run_dir)):
+        raise UsageError(f"{run_dir} holds no search state to resume")
+    return tune.Tuner.restore(str(run_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)

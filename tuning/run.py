@@ -45,6 +45,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=2, help="retries of a trial that raised, from its last checkpoint (default 2)")
     p.add_argument("--seed", type=int, help="seed of the Optuna sampler and of training (default 0)")
     p.add_argument("--smoke-test", action="store_true", help="tiny run: 2 samples, 2 epochs, 64 px, 8 images per class")
+    p.add_argument("--address", help="join a running Ray cluster (auto, HOST:PORT or ray://HOST:PORT) instead of starting one")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard, on 127.0.0.1 only")
     p.add_argument("--verbose", action="store_true", help="Ray's full progress tables and logs instead of one status line")
     return p.parse_args(argv)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             check_same_experiment(run_dir, experiment)
         weights = resolve_weights(experiment, args.weights)
         data = load_data(experiment, args.data_root)
-        start_ray(args.dashboard)
+        start_ray(args.address, args.dashboard)
         check_resources(placement)
         trainable = make_trainable(experiment, placement, SharedData(ray.put(data)), weights)
         if args.resume:

@@ -42,12 +42,19 @@ class Placement:
         return Path(self.storage).expanduser().resolve() / (self.name or experiment.name)
 
 
-def start_ray(dashboard: bool = False) -> None:
-    """A local single-node Ray unless one is already up (tests, or a cluster the user joined).
-    The dashboard stays off unless asked for, and then listens on 127.0.0.1 only."""
-    if not ray.is_initialized():
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 configure_logging=False, log_to_driver=True)
+def start_ray(address: str | None = None, dashboard: bool = False) -> None:
+    """Join the cluster at `address` (`auto`, `HOST:PORT` or `ray://HOST:PORT`), else start a local
+    single-node Ray, unless one is already up (tests). The dashboard stays off unless asked for,
+    and then listens on 127.0.0.1 only."""
+    if ray.is_initialized():
+        return
+    if address:
+        try:
+            ray.init(address=address, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise UsageError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+        return
+    ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
 
 
 def check_resources(placement: Placement) -> int:
@@ -81,16 +88,20 @@ def make_trainable(
     )
 
 
-def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Trainable) -> tune.Tuner:
+def make_searcher(experiment: Experiment) -> OptunaSearch:
+    """TPE seeded by --seed; the seeds' hand recipe is enqueued as the first trial."""
     num_stages = BACKBONES.get(experiment.backbone).num_stages
     space = functools.partial(SEARCH_SPACES.get(experiment.search_space), num_stages=num_stages)
-    searcher = OptunaSearch(
+    return OptunaSearch(
         space=space,
         metric=M.OBJECTIVE,
         mode=M.MODE,
         seed=experiment.seed,
         points_to_evaluate=[dict(experiment.recipe)],
     )
+
+
+def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Trainable) -> tune.Tuner:
     scheduler = ASHAScheduler(
         time_attr=M.EPOCH,  # our own epoch counter survives restarts; training_iteration may not
         metric=M.OBJECTIVE,
@@ -103,7 +114,7 @@ def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Tr
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher,
+            search_alg=make_searcher(experiment),
             scheduler=scheduler,
             num_samples=experiment.samples,
             # OptunaSearch would otherwise keep one trial pending at a time (field notes)

@@ -1,0 +1,158 @@
+"""Nothing lost: trial faults, divergence, SIGKILL of the driver and --resume, reproducibility."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from experiments import EXPERIMENTS
+from tests.conftest import make_image_folder, trial_dirs
+from trainables.finetune import FAULT_ENV
+from tuning import metrics as M
+from tuning.search import make_searcher
+
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faultdata")
+    make_image_folder(root / "hymenoptera_data", {"train": 8, "val": 6})
+    return root
+
+
+def run(data_root: Path, storage: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, FAULT_ENV: fault}
+    cmd = [sys.executable, "-m", "tuning.run", "hymenoptera", "--smoke-test", "--data-root", str(data_root),
+           "--storage", str(storage), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def epochs(trial_dir: Path) -> list[int]:
+    return pd.read_csv(trial_dir / "progress.csv")[M.EPOCH].tolist()
+
+
+def statuses(run_dir: Path) -> dict[str, str]:
+    table = pq.read_table(run_dir / "results.parquet").to_pandas()
+    return dict(zip(table["trial_id"], table["status"]))
+
+
+def test_a_raising_trial_is_retried_from_its_checkpoint(data_root, tmp_path):
+    out = run(data_root, tmp_path, "--samples", "2", "--epochs", "2", fault="raise@1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "errored: 0" in out.stdout
+    run_dir = tmp_path / "hymenoptera"
+    failures = trial_field(run_dir, "num_failures")
+    second_epoch = [d for d in trial_dirs(run_dir) if len(epochs(d)) == 2]
+    assert second_epoch, "no trial reached epoch 2"
+    for d in second_epoch:
+        # it raised in epoch 2, was retried, resumed from its epoch-1 checkpoint: epoch 1 ran once
+        assert failures[d.name.removeprefix("trial_")] == 1
+        assert epochs(d) == [1, 2]
+
+
+def test_a_trial_that_always_fails_is_listed_and_the_search_finishes(data_root, tmp_path):
+    out = run(data_root, tmp_path, "--max-failures", "1", fault="raise-always@0,freeze_depth=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "errored: 1" in out.stdout and "errored: trial" in out.stdout
+    assert "exported:" in out.stdout
+    assert sorted(statuses(tmp_path / "hymenoptera").values())[0] == "completed" or \
+        "errored" in statuses(tmp_path / "hymenoptera").values()
+    assert list(statuses(tmp_path / "hymenoptera").values()).count("errored") == 1
+
+
+def test_a_nan_loss_ends_that_trial_as_a_poor_result(data_root, tmp_path):
+    out = run(data_root, tmp_path, fault="nan,freeze_depth=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "errored: 0" in out.stdout
+    run_dir = tmp_path / "hymenoptera"
+    diverged = [t for t, s in statuses(run_dir).items() if s == "diverged"]
+    assert len(diverged) == 1
+    history = pd.read_csv(run_dir / f"trial_{diverged[0]}" / "progress.csv")
+    assert history[M.VAL_ACC].tolist() == [0.0] and history[M.TRAIN_LOSS].isna().all()
+
+
+def trial_field(run_dir: Path, field: str) -> dict[str, object]:
+    """A field of every trial as Ray's own experiment state records it ({} while unreadable)."""
+    files = sorted(run_dir.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        trials = [(json.loads(t[0]), json.loads(t[1])) for t in json.loads(files[-1].read_text())["trial_data"]]
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return {}
+    return {t["trial_id"]: t.get(field, runtime.get(field)) for t, runtime in trials}
+
+
+def experiment_state(run_dir: Path) -> dict[str, str]:
+    return trial_field(run_dir, "status")
+
+
+def test_sigkill_then_resume_keeps_every_finished_trial(data_root, tmp_path):
+    samples = 5
+    cmd = [sys.executable, "-m", "tuning.run", "hymenoptera", "--smoke-test", "--samples", str(samples),
+           "--epochs", "3", "--data-root", str(data_root), "--storage", str(tmp_path)]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "hymenoptera"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        state = experiment_state(run_dir)
+        if list(state.values()).count("TERMINATED") >= 2:
+            break
+        time.sleep(0.2)
+    else:
+        driver.kill()
+        pytest.fail("no trial finished in time")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    finished = {t for t, s in experiment_state(run_dir).items() if s == "TERMINATED"}
+    before = {t: epochs(run_dir / f"trial_{t}") for t in finished}
+    assert len(finished) < samples, "the search ended before it was killed"
+    time.sleep(2)
+
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"trials: {samples}," in resumed.stdout
+    dirs = trial_dirs(run_dir)
+    assert len(dirs) == samples
+    for d in dirs:
+        e = epochs(d)
+        assert e == list(range(1, len(e) + 1)), (d.name, e)  # no epoch ran twice
+    for t, e in before.items():
+        assert epochs(run_dir / f"trial_{t}") == e  # finished trials were not run again
+    assert len(statuses(run_dir)) == samples
+
+
+def test_resume_refuses_changed_settings(data_root, tmp_path):
+    first = run(data_root, tmp_path, "--samples", "1", "--epochs", "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    out = run(data_root, tmp_path, "--samples", "3", "--epochs", "1", "--resume")
+    assert out.returncode == 2 and "samples was 1, now 3" in out.stderr
+
+
+def test_same_seed_samples_the_same_hyperparameters():
+    def sequence(seed: int) -> list[dict]:
+        import dataclasses
+
+        searcher = make_searcher(dataclasses.replace(EXPERIMENTS.get("hymenoptera"), seed=seed))
+        configs = []
+        for i in range(14):  # past TPE's 10 random start-up trials
+            config = searcher.suggest(str(i))
+            configs.append(config)
+            searcher.on_trial_complete(str(i), {M.VAL_ACC: (config["lr"] * 1e3) % 1.0})
+        return configs
+
+    first, second = sequence(7), sequence(7)
+    assert first == second
+    assert first[0] == EXPERIMENTS.get("hymenoptera").recipe
+    assert sequence(8)[1:] != first[1:]

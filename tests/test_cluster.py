@@ -42,3 +42,23 @@ def test_trials_land_on_both_nodes(tmp_path):
     table = pq.read_table(shared / "hymenoptera" / "results.parquet").to_pandas()
     assert len(table) == 4
     assert set(table["node_id"]) == {head, worker}
+
+
+def test_storage_uri_holds_the_whole_run(tmp_path):
+    """--storage takes a URI (here file://, the same code path as s3:// or gs://)."""
+    import os
+
+    make_image_folder(tmp_path / "data" / "hymenoptera_data", {"train": 6, "val": 4})
+    uri = f"file://{tmp_path}/bucket/runs"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "tuning.run", "hymenoptera", "--smoke-test", "--data-root",
+                          str(tmp_path / "data"), "--storage", uri], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "bucket" / "runs" / "hymenoptera"
+    for name in ("run.json", "results.parquet", "best/model.json", "best/model.pt"):
+        assert (run_dir / name).is_file(), name
+    assert len(list(run_dir.glob("trial_*/progress.csv"))) == 2
+    report = subprocess.run([sys.executable, "-m", "tuning.report", f"{uri}/hymenoptera"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (run_dir / "val_acc_per_epoch.png").is_file()

@@ -24,6 +24,7 @@ from tuning import results  # noqa: E402
 from tuning.backbones import BACKBONES  # noqa: E402
 from tuning.errors import UsageError, exit_on_usage_error  # noqa: E402
 from tuning.rundir import SPEC_FILE, load_spec  # noqa: E402
+from tuning.storage import RunLocation, is_uri  # noqa: E402
 
 LOG_SCALE = {"lr", "head_lr_mult", "weight_decay"}
 
@@ -52,8 +53,8 @@ def importances(table: pd.DataFrame, experiment: Experiment) -> dict[str, float]
     return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
 
 
-def plot_curves(run_dir: Path, table: pd.DataFrame, max_epochs: int, out: Path) -> None:
-    frames = ExperimentAnalysis(str(run_dir)).trial_dataframes
+def plot_curves(run_dir: str, table: pd.DataFrame, max_epochs: int, out: Path) -> None:
+    frames = ExperimentAnalysis(run_dir).trial_dataframes
     status = dict(zip(table["trial_id"], table["status"]))
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = {results.COMPLETED: "tab:blue", results.STOPPED: "tab:gray", results.ERRORED: "tab:red",
@@ -106,18 +107,20 @@ def plot_importance(scores: dict[str, float], out: Path) -> None:
     plt.close(fig)
 
 
-def report(run_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
-    if not (run_dir / SPEC_FILE).is_file():
-        raise UsageError(f"{run_dir} is not a run dir (no {SPEC_FILE})")
-    experiment, _ = load_spec(run_dir)
-    table = ranked(results.collect(run_dir))
-    pngs = [run_dir / "val_acc_per_epoch.png", run_dir / "val_acc_vs_hparams.png"]
-    plot_curves(run_dir, table, experiment.epochs, pngs[0])
+def report(location: RunLocation) -> tuple[pd.DataFrame, list[Path]]:
+    location.pull(SPEC_FILE, "best")
+    if not (location.local / SPEC_FILE).is_file():
+        raise UsageError(f"{location.uri} is not a run dir (no {SPEC_FILE})")
+    experiment, _ = load_spec(location.local)
+    table = ranked(results.collect(location))
+    pngs = [location.local / "val_acc_per_epoch.png", location.local / "val_acc_vs_hparams.png"]
+    plot_curves(location.uri, table, experiment.epochs, pngs[0])
     plot_hparams(table, pngs[1])
     scores = importances(table, experiment)
     if scores:
-        pngs.append(run_dir / "hparam_importance.png")
+        pngs.append(location.local / "hparam_importance.png")
         plot_importance(scores, pngs[-1])
+    location.push(*(p.name for p in pngs))
     return table, pngs
 
 
@@ -128,12 +131,20 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.to_string(index=True, float_format=lambda v: f"{v:.4g}" if not math.isnan(v) else "-")
 
 
+def location_of(run_dir: str) -> RunLocation:
+    if is_uri(run_dir):
+        storage, _, name = run_dir.rstrip("/").rpartition("/")
+        return RunLocation(storage, name)
+    path = Path(run_dir).expanduser().resolve()
+    return RunLocation(str(path.parent), path.name)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tuning.report", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", help="a run dir: a path, or a URI such as s3://bucket/runs/NAME")
     args = parser.parse_args(argv)
     with exit_on_usage_error("tuning.report"):
-        table, pngs = report(args.run_dir.resolve())
+        table, pngs = report(location_of(args.run_dir))
     print(format_table(table))
     for png in pngs:
         print(f"wrote {png}")

@@ -15,6 +15,7 @@ from ray.tune import ExperimentAnalysis
 from tuning import metrics as M
 from tuning.export import META_FILE
 from tuning.rundir import load_spec
+from tuning.storage import RunLocation
 
 RESULTS_FILE = "results.parquet"
 COMPLETED, STOPPED, ERRORED, DIVERGED, RUNNING, PENDING = (
@@ -35,11 +36,11 @@ def trial_status(ray_status: str, history: pd.DataFrame, max_epochs: int) -> str
     return COMPLETED if epochs >= max_epochs else STOPPED
 
 
-def collect(run_dir: Path) -> pd.DataFrame:
-    experiment, _ = load_spec(run_dir)
-    analysis = ExperimentAnalysis(str(run_dir))
+def collect(location: RunLocation) -> pd.DataFrame:
+    experiment, _ = load_spec(location.local)
+    analysis = ExperimentAnalysis(location.uri)
     frames = analysis.trial_dataframes
-    exported = _exported(run_dir)
+    exported = _exported(location.local)
     rows = []
     for trial in analysis.trials:
         history = frames.get(trial.trial_id, pd.DataFrame())
@@ -68,10 +69,11 @@ def _exported(run_dir: Path) -> dict[str, Any]:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-def write(run_dir: Path) -> Path:
-    table = pa.Table.from_pandas(collect(run_dir), preserve_index=False)
-    path = run_dir / RESULTS_FILE
+def write(location: RunLocation) -> str:
+    table = pa.Table.from_pandas(collect(location), preserve_index=False)
+    path = location.local / RESULTS_FILE
     tmp = path.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
-    return path
+    location.push(RESULTS_FILE)
+    return f"{location.uri}/{RESULTS_FILE}"

@@ -20,7 +20,7 @@ from tuning.errors import UsageError, exit_on_usage_error
 from tuning.export import export, find_best
 from tuning.images import resize_for
 from tuning.model import build_model
-from tuning.rundir import check_run_dir, check_same_experiment, check_storage, save_spec
+from tuning.rundir import SPEC_FILE, check_run_dir, check_same_experiment, check_storage, save_spec
 from tuning.search import Placement, build_tuner, check_resources, make_trainable, restore_tuner, start_ray
 
 # --smoke-test: the whole pipeline in about a minute on a 2-core CPU. Explicit flags still win.
@@ -37,7 +37,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", type=Path, help="ImageNet state dict for the backbone (else package/hub cache/download)")
     p.add_argument("--no-pretrained", action="store_true", help="train from random weights (never implied)")
     p.add_argument("--data-root", help="folder holding the datasets (default: $TUNING_DATA_ROOT, else ./data)")
-    p.add_argument("--storage", default="runs", help="where run dirs go (default: ./runs)")
+    p.add_argument("--storage", default="runs", help="where run dirs go: a path or a URI pyarrow takes, s3://, gs://, ... (default: ./runs)")
     p.add_argument("--name", help="run dir name under --storage (default: the experiment's name)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in the run dir")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, fractions allowed (default 1)")
@@ -104,29 +104,31 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     with exit_on_usage_error("tuning.run"):
         experiment, placement = configure(args)
-        run_dir = placement.run_dir(experiment)
-        check_storage(run_dir.parent)
-        check_run_dir(run_dir, args.resume)
+        location = placement.location(experiment)
+        check_storage(location)
+        check_run_dir(location, args.resume)
         if args.resume:
-            check_same_experiment(run_dir, experiment)
+            check_same_experiment(location.local, experiment)
         weights = resolve_weights(experiment, args.weights)
         data = load_data(experiment, args.data_root)
         start_ray(args.address, args.dashboard)
         check_resources(placement)
         trainable = make_trainable(experiment, placement, SharedData(ray.put(data)), weights)
         if args.resume:
-            tuner = restore_tuner(run_dir, trainable)
+            tuner = restore_tuner(location.uri, trainable)
         else:
-            save_spec(run_dir, experiment, data.classes)
+            save_spec(location.local, experiment, data.classes)
+            location.push(SPEC_FILE)
             tuner = build_tuner(experiment, placement, trainable)
         grid = tuner.fit()
         best = find_best(grid)
-        export_dir = export(best, experiment, data.classes, run_dir)
-        table = results.write(run_dir)
-    print_summary(grid, best, export_dir, table, run_dir, time.time() - started)
+        export_dir = export(best, experiment, data.classes, location.local)
+        location.push("best")
+        table = results.write(location)
+    print_summary(grid, best, export_dir, table, location.uri, time.time() - started)
 
 
-def print_summary(grid, best, export_dir: Path, table: Path, run_dir: Path, wall_s: float) -> None:
+def print_summary(grid, best, export_dir: Path, table: str, run_dir: str, wall_s: float) -> None:
     print(f"\nbest hyperparameters: {json.dumps(best.config)}")
     print(f"best val_acc: {best.metrics['val_acc']:.4f} (epoch {best.metrics['epoch']}, trial {best.trial_id})")
     print(f"trials: {len(grid)}, errored: {len(grid.errors)}, wall-clock: {wall_s:.0f} s")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from experiments.base import Experiment
 from tuning.errors import UsageError
+from tuning.storage import RunLocation
 
 SPEC_FILE = "run.json"
 
@@ -25,8 +26,12 @@ def load_spec(run_dir: Path) -> tuple[Experiment, list[str]]:
     return Experiment(**spec["experiment"]), spec["classes"]
 
 
-def check_storage(storage: Path) -> None:
+def check_storage(location: RunLocation) -> None:
     """Fail before any work if the run dir cannot be written; creates nothing."""
+    if location.remote:
+        location.filesystem()  # an unknown scheme or unreachable bucket fails here
+        return
+    storage = location.local.parent
     probe = storage
     while not probe.exists():
         probe = probe.parent
@@ -34,11 +39,13 @@ def check_storage(storage: Path) -> None:
         raise UsageError(f"--storage {storage} is not writable ({probe} is not a writable folder)")
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume and not (run_dir / SPEC_FILE).is_file():
-        raise UsageError(f"nothing to resume: {run_dir} holds no run started by tuning.run")
-    if not resume and run_dir.exists():
-        raise UsageError(f"run dir {run_dir} exists; pass --resume to continue it, or another --name")
+def check_run_dir(location: RunLocation, resume: bool) -> None:
+    if resume:
+        location.pull(SPEC_FILE)
+        if not (location.local / SPEC_FILE).is_file():
+            raise UsageError(f"nothing to resume: {location.uri} holds no run started by tuning.run")
+    elif location.exists():
+        raise UsageError(f"run dir {location.uri} exists; pass --resume to continue it, or another --name")
 
 
 def check_same_experiment(run_dir: Path, experiment: Experiment) -> None:

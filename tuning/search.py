@@ -21,6 +21,7 @@ from tuning import metrics as M
 from tuning.backbones import BACKBONES
 from tuning.errors import UsageError
 from tuning.progress import StatusLine
+from tuning.storage import RunLocation
 
 # One checkpoint kept per trial forces a state snapshot at each report; Ray warns about that on
 # every epoch, which is the intended behaviour here.
@@ -38,8 +39,8 @@ class Placement:
     max_failures: int = 2  # retries of a trial that raised, from its last checkpoint
     verbose: bool = False  # Ray's own progress tables instead of our status line
 
-    def run_dir(self, experiment: Experiment) -> Path:
-        return Path(self.storage).expanduser().resolve() / (self.name or experiment.name)
+    def location(self, experiment: Experiment) -> RunLocation:
+        return RunLocation(self.storage, self.name or experiment.name)
 
 
 def start_ray(address: str | None = None, dashboard: bool = False) -> None:
@@ -110,7 +111,7 @@ def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Tr
         grace_period=experiment.grace_period,
         reduction_factor=experiment.reduction_factor,
     )
-    run_dir = placement.run_dir(experiment)
+    location = placement.location(experiment)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -123,8 +124,8 @@ def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Tr
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            name=location.name,
+            storage_path=location.ray_storage,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1,  # the best epoch's; Ray also keeps the latest for restarts
                 checkpoint_score_attribute=M.OBJECTIVE,
@@ -144,10 +145,10 @@ def callbacks(experiment: Experiment, placement: Placement) -> list[tune.Callbac
     return [*loggers, StatusLine(experiment.samples, experiment.epochs)]
 
 
-def restore_tuner(run_dir: Path, trainable: tune.Trainable) -> tune.Tuner:
+def restore_tuner(run_dir: str, trainable: tune.Trainable) -> tune.Tuner:
     """Continue an interrupted search with its own OptunaSearch state (not a fresh searcher):
     finished trials stay finished, unfinished ones continue from their last checkpoint, and trials
     that errored get their retries again."""
-    if not tune.Tuner.can_restore(str(run_dir)):
+    if not tune.Tuner.can_restore(run_dir):
         raise UsageError(f"{run_dir} holds no search state to resume")
-    return tune.Tuner.restore(str(run_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner.restore(run_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -88,3 +88,8 @@ def finished_run(ray_session, tiny_root, tiny_experiment, tmp_path_factory) -> P
 
 def trial_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("trial_*") if p.is_dir())
+
+
+@pytest.fixture(scope="session")
+def finished_export(finished_run) -> Path:
+    return finished_run / "best"

@@ -29,10 +29,15 @@ def data_root(tmp_path_factory):
     (["hymenoptera", "--gpus-per-trial", "-0.5"], "--gpus-per-trial must not be negative"),
     (["hymenoptera", "--cpus-per-trial", "512"], "--cpus-per-trial 512 must be in"),
     (["hymenoptera", "--weights", "/no/such.pth"], "weights file /no/such.pth not found"),
+    (["hymenoptera", "--max-failures", "-1"], "--max-failures must not be negative"),
+    (["hymenoptera", "--resume"], "nothing to resume"),
+    (["hymenoptera", "--storage", "bogus://x/y"], "--storage bogus://x/y"),
     ([], "name an experiment"),
 ])
 def test_bad_run_arguments(tmp_path, data_root, args, message):
-    out = run_cli("tuning.run", *args, "--data-root", str(data_root), "--storage", str(tmp_path / "runs"))
+    if "--storage" not in args:
+        args = [*args, "--storage", str(tmp_path / "runs")]
+    out = run_cli("tuning.run", *args, "--data-root", str(data_root))
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("tuning.run: error: ") and message in lines[-1], out.stderr
@@ -56,3 +61,54 @@ def test_list_names_experiments_and_backbones():
     out = run_cli("tuning.run", "--list")
     assert out.returncode == 0
     assert "hymenoptera" in out.stdout and "resnet50" in out.stdout and "efficientnet_lite0" in out.stdout
+
+
+def one_line_error(out: subprocess.CompletedProcess, prog: str, message: str) -> None:
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{prog}: error: ") and message in last, out.stderr[-2000:]
+
+
+def test_unwritable_storage(tmp_path, data_root):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = run_cli("tuning.run", "hymenoptera", "--data-root", str(data_root), "--storage", str(blocker / "runs"))
+    one_line_error(out, "tuning.run", "is not writable")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_weights_of_another_network(tmp_path, data_root):
+    import torch
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = run_cli("tuning.run", "hymenoptera", "--weights", str(weights), "--data-root", str(data_root),
+                  "--storage", str(tmp_path / "runs"))
+    one_line_error(out, "tuning.run", "does not match this backbone")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_only_unreadable_images_in_a_class(tmp_path):
+    root = tmp_path / "root"
+    make_image_folder(root / "hymenoptera_data", {"train": 2, "val": 2})
+    for f in (root / "hymenoptera_data" / "val" / "bees").iterdir():
+        f.write_bytes(b"\xff\xd8 truncated")
+    out = run_cli("tuning.run", "hymenoptera", "--data-root", str(root), "--storage", str(tmp_path / "runs"))
+    one_line_error(out, "tuning.run", "val/bees holds no readable image")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_empty_data_root(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = run_cli("tuning.run", "hymenoptera", "--data-root", str(tmp_path / "empty"), "--storage", str(tmp_path / "runs"))
+    one_line_error(out, "tuning.run", "put the 'hymenoptera_data' folder under")
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_predict_on_a_file_that_is_not_an_image(finished_export, tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    out = run_cli("tuning.predict", str(finished_export), str(text))
+    one_line_error(out, "tuning.predict", "is not a readable image")

@@ -53,11 +53,11 @@ def _by_order(sd: dict, net: nn.Module) -> dict:
     if set(sd) == set(target):
         return sd
     if len(sd) != len(target):
-        raise UsageError(f"weights hold {len(sd)} tensors, the network {len(target)}")
+        raise ValueError(f"it holds {len(sd)} tensors, the network {len(target)}")
     mapped = {}
     for (src, value), (dst, ref) in zip(sd.items(), target.items()):
         if value.shape != ref.shape:
-            raise UsageError(f"weights tensor {src} {tuple(value.shape)} does not fit {dst} {tuple(ref.shape)}")
+            raise ValueError(f"tensor {src} {tuple(value.shape)} does not fit {dst} {tuple(ref.shape)}")
         mapped[dst] = value
     return mapped
 
@@ -139,6 +139,6 @@ def load_pretrained(backbone: Backbone, net: nn.Module, weights: Path) -> None:
         raise UsageError(f"{weights} is not a state dict of tensors")
     try:
         net.load_state_dict(backbone.adapt_state_dict(dict(sd), net), strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
         raise UsageError(f"{weights} does not match this backbone: {first}") from None

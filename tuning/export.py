@@ -76,9 +76,13 @@ def export(best: Best, experiment: Experiment, classes: list[str], run_dir: Path
     versions = run_dir / ".exports"
     versions.mkdir(parents=True, exist_ok=True)
     version = Path(tempfile.mkdtemp(prefix="best-", dir=versions))
-    torch.save(state, version / MODEL_FILE)
-    (version / META_FILE).write_text(json.dumps(meta, indent=2))
-    swap_link(run_dir / "best", version)
+    try:
+        torch.save(state, version / MODEL_FILE)
+        (version / META_FILE).write_text(json.dumps(meta, indent=2))
+        swap_link(run_dir / "best", version)
+    except BaseException:
+        shutil.rmtree(version, ignore_errors=True)  # the previous export stays as it was
+        raise
     return run_dir / "best"
 
 
@@ -89,7 +93,11 @@ def swap_link(link: Path, version: Path) -> None:
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(version.relative_to(link.parent))
     previous = link.resolve() if link.is_symlink() else None
-    tmp_link.replace(link)
+    try:
+        tmp_link.replace(link)
+    except BaseException:
+        tmp_link.unlink(missing_ok=True)
+        raise
     if previous is not None and previous != version.resolve():
         shutil.rmtree(previous, ignore_errors=True)
 

@@ -51,7 +51,8 @@ def finetune(
     device = select_device()
     dataset = data.get()
     train, val = dataset.splits["train"], dataset.splits["val"]
-    norm = Normalize(*_stats(experiment.backbone))
+    spec = BACKBONES.get(experiment.backbone)
+    norm = Normalize(spec.mean, spec.std)
 
     model = build_model(
         experiment.backbone, len(dataset.classes), Path(weights) if weights else None, hp.freeze_depth
@@ -83,11 +84,6 @@ def finetune(
             M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, M.TRAIN_LOSS: train_loss,
             M.EPOCH: epoch + 1, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node,
         })
-
-
-def _stats(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    spec = BACKBONES.get(backbone)
-    return spec.mean, spec.std
 
 
 def select_device() -> torch.device:

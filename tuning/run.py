@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             check_same_experiment(location.local, experiment)
         weights = resolve_weights(experiment, args.weights)
         data = load_data(experiment, args.data_root)
-        start_ray(args.address, args.dashboard)
+        start_ray(args.address, args.dashboard, args.verbose)
         check_resources(placement)
         trainable = make_trainable(experiment, placement, SharedData(ray.put(data)), weights)
         if args.resume:

@@ -43,19 +43,21 @@ class Placement:
         return RunLocation(self.storage, self.name or experiment.name)
 
 
-def start_ray(address: str | None = None, dashboard: bool = False) -> None:
+def start_ray(address: str | None = None, dashboard: bool = False, verbose: bool = False) -> None:
     """Join the cluster at `address` (`auto`, `HOST:PORT` or `ray://HOST:PORT`), else start a local
     single-node Ray, unless one is already up (tests). The dashboard stays off unless asked for,
-    and then listens on 127.0.0.1 only."""
+    and then listens on 127.0.0.1 only. Workers' log lines reach the console only with --verbose:
+    errors are kept in each trial's error.txt and listed in the summary."""
     if ray.is_initialized():
         return
     if address:
         try:
-            ray.init(address=address, configure_logging=False)
+            ray.init(address=address, configure_logging=False, log_to_driver=verbose)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UsageError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
         return
-    ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False)
+    ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
+             log_to_driver=verbose)
 
 
 def check_resources(placement: Placement) -> int:

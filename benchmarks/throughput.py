@@ -1,0 +1,90 @@
+"""Training throughput: our trainable's epoch against a bare loop written like the seeds.
+
+Ours: images decoded once (tuning.datasets.load), augmentation on uint8 tensors, frozen prefix
+under no_grad (trainables.finetune.train_one_epoch). Seeds: torchvision ImageFolder + DataLoader
+decoding JPEGs every epoch, the same model, batch size, freeze depth and threads.
+
+    python benchmarks/throughput.py --data-root ../shared/datasets [--threads 2] [--epochs 1]
+
+Prints a table and writes benchmarks/results/throughput.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision import transforms
+
+from experiments import EXPERIMENTS
+from trainables.finetune import build_optimizer, train_one_epoch
+from tuning.backbones import BACKBONES
+from tuning.datasets import DATASETS, load
+from tuning.hparams import HParams
+from tuning.images import Normalize, TrainAugment, resize_for
+from tuning.model import build_model
+
+
+def seeds_epoch(model: nn.Module, folder: Path, hp: HParams, size: int, mean, std) -> float:
+    """The tutorial's loop: ImageFolder + DataLoader, decode and transform every image every epoch."""
+    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(mean, std)])
+    loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(folder, tf),
+                                         batch_size=hp.batch_size, shuffle=True, num_workers=0)
+    optimizer = build_optimizer(model, hp)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    seen, start = 0, time.perf_counter()
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        seen += len(y)
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    experiment = EXPERIMENTS.get("hymenoptera")
+    spec = BACKBONES.get(experiment.backbone)
+    weights = spec.default_weights()
+    size = experiment.image_size
+    decode_start = time.perf_counter()
+    data = load(DATASETS.get(experiment.dataset), args.data_root, resize_for(size))
+    decode_s = time.perf_counter() - decode_start
+    train = data.splits["train"]
+    folder = args.data_root / DATASETS.get(experiment.dataset).dirname / "train"
+    norm = Normalize(spec.mean, spec.std)
+    rows = []
+    for depth in (0, spec.num_stages // 2, spec.num_stages):
+        hp = HParams(lr=1e-3, head_lr_mult=10, freeze_depth=depth, batch_size=args.batch_size)
+        torch.manual_seed(0)
+        model = build_model(experiment.backbone, len(data.classes), weights, depth)
+        _, ours = train_one_epoch(model, build_optimizer(model, hp), train, TrainAugment(size), norm,
+                                  hp.batch_size, torch.device("cpu"), 0)
+        torch.manual_seed(0)
+        model = build_model(experiment.backbone, len(data.classes), weights, depth)
+        seeds = seeds_epoch(model, folder, hp, size, spec.mean, spec.std)
+        rows.append({"freeze_depth": depth, "ours_img_s": ours, "seeds_img_s": seeds, "ratio": ours / seeds})
+        print(f"freeze_depth {depth:>2}: ours {ours:7.2f} img/s   seeds {seeds:7.2f} img/s   ratio {ours / seeds:5.2f}",
+              flush=True)
+    result = {"backbone": experiment.backbone, "image_size": size, "threads": args.threads,
+              "batch_size": args.batch_size, "train_images": len(train),
+              "decode_once_s": decode_s, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

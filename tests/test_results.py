@@ -22,6 +22,7 @@ def test_results_parquet_has_one_row_per_trial_matching_its_history(finished_run
     for _, row in table.iterrows():
         history = pd.read_csv(finished_run / f"trial_{row.trial_id}" / "progress.csv")
         assert row.best_val_acc == pytest.approx(history[M.VAL_ACC].max())
+        assert row.best_epoch == history.loc[history[M.VAL_ACC] == history[M.VAL_ACC].max(), M.EPOCH].max()
         assert row.last_val_acc == pytest.approx(history[M.VAL_ACC].iloc[-1])
         assert row.epochs_run == history[M.EPOCH].max()
         want = "completed" if row.epochs_run == tiny_experiment.epochs else "stopped early"

@@ -46,7 +46,7 @@ def collect(location: RunLocation) -> pd.DataFrame:
         history = frames.get(trial.trial_id, pd.DataFrame())
         if M.EPOCH not in history:
             history = pd.DataFrame(columns=[M.EPOCH, M.VAL_ACC, M.TRAIN_LOSS, "time_total_s", M.NODE_ID])
-        best = history.loc[history[M.VAL_ACC].idxmax()] if history[M.VAL_ACC].notna().any() else None
+        best = _best_epoch(history)
         row: dict[str, Any] = {"trial_id": trial.trial_id}
         row.update({f"hp_{k}": v for k, v in trial.config.items()})
         row.update(
@@ -62,6 +62,14 @@ def collect(location: RunLocation) -> pd.DataFrame:
         )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _best_epoch(history: pd.DataFrame) -> pd.Series | None:
+    """The latest of the epochs tied on the best val_acc: the rule the export follows (and the
+    checkpoint Ray keeps)."""
+    if not history[M.VAL_ACC].notna().any():
+        return None
+    return history[history[M.VAL_ACC] == history[M.VAL_ACC].max()].iloc[-1]
 
 
 def _exported(run_dir: Path) -> dict[str, Any]:

@@ -112,3 +112,22 @@ def test_predict_on_a_file_that_is_not_an_image(finished_export, tmp_path):
     text.write_text("hello")
     out = run_cli("tuning.predict", str(finished_export), str(text))
     one_line_error(out, "tuning.predict", "is not a readable image")
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("empty_class", "val/bees holds no images"),
+    ("one_class", "a classifier needs at least two"),
+])
+def test_broken_dataset_folders(tmp_path, breakage, message):
+    root = tmp_path / "root"
+    make_image_folder(root / "hymenoptera_data", {"train": 2, "val": 2})
+    base = root / "hymenoptera_data"
+    victims = [base / "val" / "bees"] if breakage == "empty_class" else [base / s / "bees" for s in ("train", "val")]
+    for folder in victims:
+        for f in folder.iterdir():
+            f.unlink()
+        if breakage == "one_class":
+            folder.rmdir()
+    out = run_cli("tuning.run", "hymenoptera", "--data-root", str(root), "--storage", str(tmp_path / "runs"))
+    one_line_error(out, "tuning.run", message)
+    assert not (tmp_path / "runs").exists()

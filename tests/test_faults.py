@@ -156,3 +156,17 @@ def test_same_seed_samples_the_same_hyperparameters():
     assert first == second
     assert first[0] == EXPERIMENTS.get("hymenoptera").recipe
     assert sequence(8)[1:] != first[1:]
+
+
+def test_resume_prunes_only_trial_dirs_the_saved_state_does_not_know(tmp_path, capsys):
+    from tuning.rundir import prune_unknown_trials
+    from tuning.storage import RunLocation
+
+    run_dir = tmp_path / "run"
+    for trial in ("aaaa0001", "aaaa0002", "bbbb0003"):
+        (run_dir / f"trial_{trial}" / "checkpoint_000000").mkdir(parents=True)
+    state = {"trial_data": [[json.dumps({"trial_id": t}), "{}"] for t in ("aaaa0001", "aaaa0002")]}
+    (run_dir / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    assert prune_unknown_trials(RunLocation(str(tmp_path), "run")) == ["trial_bbbb0003"]
+    assert sorted(p.name for p in trial_dirs(run_dir)) == ["trial_aaaa0001", "trial_aaaa0002"]
+    assert "removed 1 trial dir(s)" in capsys.readouterr().err

@@ -20,7 +20,9 @@ from tuning.errors import UsageError, exit_on_usage_error
 from tuning.export import export, find_best
 from tuning.images import resize_for
 from tuning.model import build_model
-from tuning.rundir import SPEC_FILE, check_run_dir, check_same_experiment, check_storage, save_spec
+from tuning.rundir import (
+    SPEC_FILE, check_run_dir, check_same_experiment, check_storage, prune_unknown_trials, save_spec,
+)
 from tuning.search import Placement, build_tuner, check_resources, make_trainable, restore_tuner, start_ray
 
 # --smoke-test: the whole pipeline in about a minute on a 2-core CPU. Explicit flags still win.
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         check_resources(placement)
         trainable = make_trainable(experiment, placement, SharedData(ray.put(data)), weights)
         if args.resume:
+            prune_unknown_trials(location)
             tuner = restore_tuner(location.uri, trainable)
         else:
             save_spec(location.local, experiment, data.classes)

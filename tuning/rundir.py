@@ -4,7 +4,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 from experiments.base import Experiment
 from tuning.errors import UsageError
@@ -55,3 +58,29 @@ def check_same_experiment(run_dir: Path, experiment: Experiment) -> None:
         was, now = getattr(saved, f.name), getattr(experiment, f.name)
         if was != now:
             raise UsageError(f"--resume continues the run as started: {f.name} was {was!r}, now {now!r}")
+
+
+def prune_unknown_trials(location: RunLocation) -> list[str]:
+    """Before --resume: remove trial dirs that the saved search state does not know.
+
+    A driver killed between a trial's start (or its first upload) and the next state snapshot
+    leaves a dir that no restored trial owns; its unreported work is redone by the restored
+    search, and the stray dir would otherwise show up as a phantom trial in TensorBoard and in
+    the run dir. Trials the state knows, finished or not, are never touched."""
+    fs, root = location.filesystem()
+    entries = fs.get_file_info(pafs.FileSelector(root))
+    states = sorted(e.path for e in entries if e.base_name.startswith("experiment_state-") and e.is_file)
+    if not states:
+        return []
+    with fs.open_input_stream(states[-1]) as f:
+        known = {json.loads(t[0])["trial_id"] for t in json.loads(f.read())["trial_data"]}
+    removed = []
+    for e in entries:
+        if e.type == pafs.FileType.Directory and e.base_name.startswith("trial_"):
+            if e.base_name.removeprefix("trial_") not in known:
+                fs.delete_dir(e.path)
+                removed.append(e.base_name)
+    if removed:
+        print(f"warning: removed {len(removed)} trial dir(s) started after the last saved search state "
+              f"(their unreported work is redone): {', '.join(sorted(removed))}", file=sys.stderr)
+    return removed

@@ -12,7 +12,7 @@ from tuning.report import main as report_main
 from tuning.results import RESULTS_FILE
 
 COLUMNS = {"trial_id", "hp_lr", "hp_head_lr_mult", "hp_freeze_depth", "hp_batch_size", "best_val_acc",
-           "best_epoch", "last_val_acc", "epochs_run", "status", "wall_time_s", "node_id", "test_acc"}
+           "best_epoch", "best_val_loss", "last_val_acc", "epochs_run", "status", "wall_time_s", "node_id", "test_acc"}
 
 
 def test_results_parquet_has_one_row_per_trial_matching_its_history(finished_run, tiny_experiment):
@@ -39,9 +39,9 @@ def test_report_ranks_trials_and_writes_pngs(finished_run, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f"wrote {png}" in out
     table = pq.read_table(finished_run / RESULTS_FILE).to_pandas()
-    top = table.sort_values("best_val_acc", ascending=False).iloc[0]
+    top = table.sort_values(["best_val_acc", "best_val_loss"], ascending=[False, True]).iloc[0]
     first_row = out.splitlines()[1]
-    assert first_row.split()[1] == top.trial_id
+    assert top.exported and first_row.split()[1:3] == ["exported", top.trial_id]
 
 
 def test_tensorboard_hparams_for_every_trial(finished_run):

@@ -15,12 +15,15 @@ class StatusLine(Callback):
         self.samples, self.max_epochs, self.every_s = samples, max_epochs, every_s
         self.started = time.time()
         self.last_print = 0.0
-        self.best: tuple[float, dict] | None = None
+        self.best: tuple[float, dict, float] | None = None  # val_acc, config, val_loss
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
-        value = result.get(M.VAL_ACC)
-        if value is not None and (self.best is None or value > self.best[0]):
-            self.best = (value, dict(trial.config))
+        # the export's rule: highest val_acc, a tie going to the lower val_loss
+        value, loss = result.get(M.VAL_ACC), result.get(M.VAL_LOSS, float("inf"))
+        if value is None or loss != loss:  # NaN loss: a diverged trial
+            return
+        if self.best is None or (value, -loss) > (self.best[0], -self.best[2]):
+            self.best = (value, dict(trial.config), loss)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
         self.print(trials, force=True)

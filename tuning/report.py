@@ -30,7 +30,9 @@ LOG_SCALE = {"lr", "head_lr_mult", "weight_decay"}
 
 
 def ranked(table: pd.DataFrame) -> pd.DataFrame:
-    return table.sort_values("best_val_acc", ascending=False, na_position="last").reset_index(drop=True)
+    """Best first, by the export's rule: val_acc, then the lower val_loss at that epoch."""
+    return table.sort_values(["best_val_acc", "best_val_loss"], ascending=[False, True],
+                             na_position="last").reset_index(drop=True)
 
 
 def importances(table: pd.DataFrame, experiment: Experiment) -> dict[str, float]:
@@ -126,8 +128,9 @@ def report(location: RunLocation) -> tuple[pd.DataFrame, list[Path]]:
 
 def format_table(table: pd.DataFrame) -> str:
     cols = ["trial_id", *[c for c in table.columns if c.startswith("hp_")],
-            "best_val_acc", "best_epoch", "epochs_run", "status", "wall_time_s"]
+            "best_val_acc", "best_val_loss", "best_epoch", "epochs_run", "status", "wall_time_s"]
     shown = table[cols].rename(columns=lambda c: c.removeprefix("hp_"))
+    shown.insert(0, "", ["exported" if e else "" for e in table["exported"]])
     return shown.to_string(index=True, float_format=lambda v: f"{v:.4g}" if not math.isnan(v) else "-")
 
 

@@ -45,13 +45,14 @@ def collect(location: RunLocation) -> pd.DataFrame:
     for trial in analysis.trials:
         history = frames.get(trial.trial_id, pd.DataFrame())
         if M.EPOCH not in history:
-            history = pd.DataFrame(columns=[M.EPOCH, M.VAL_ACC, M.TRAIN_LOSS, "time_total_s", M.NODE_ID])
+            history = pd.DataFrame(columns=[M.EPOCH, M.VAL_ACC, M.VAL_LOSS, M.TRAIN_LOSS, "time_total_s", M.NODE_ID])
         best = _best_epoch(history)
         row: dict[str, Any] = {"trial_id": trial.trial_id}
         row.update({f"hp_{k}": v for k, v in trial.config.items()})
         row.update(
             best_val_acc=float(best[M.VAL_ACC]) if best is not None else None,
             best_epoch=int(best[M.EPOCH]) if best is not None else None,
+            best_val_loss=float(best[M.VAL_LOSS]) if best is not None else None,
             last_val_acc=float(history[M.VAL_ACC].iloc[-1]) if len(history) else None,
             epochs_run=int(history[M.EPOCH].max()) if len(history) else 0,
             status=trial_status(trial.status, history, experiment.epochs),

@@ -18,6 +18,10 @@ class Experiment:
     grace_period: int = 1
     reduction_factor: int = 3
     image_size: int = 224
+    image_mode: str = "RGB"  # "L": one-channel data (MNIST); the first convolution is adapted
+    # Training views, as the seeds' RandomResizedCrop + RandomHorizontalFlip; digits must not flip.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
     per_class: int | None = None  # keep at most this many images per class and split (smoke tests)
     seed: int = 0
     pretrained: bool = True

@@ -27,22 +27,35 @@ class UndecodableImage(Exception):
     pass
 
 
+DECODE_ERRORS = (UndecodableImage, UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+
+
 def resize_for(image_size: int) -> int:
     """The seeds resize to 256 before a 224 crop; keep that ratio at other sizes."""
     return round(image_size * 256 / 224)
 
 
-def decode(path: Path | str, resize: int) -> np.ndarray:
-    """RGB uint8 HWC, shorter side `resize`. GIFs, palettes and alpha become plain RGB."""
+def prepare(opened: Image.Image, resize: int, mode: str = "RGB", name: str = "") -> np.ndarray:
+    """uint8 HWC (C = 3 for "RGB", 1 for "L"), shorter side `resize`. GIFs, palettes and alpha
+    become plain RGB. Takes the image as opened (lazily) so decoding errors surface here."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UndecodableImage(f"{path}: {err}") from err
+        with opened as img:
+            img = img.convert(mode)
+    except DECODE_ERRORS as err:
+        raise UndecodableImage(f"{name}: {err}") from err
     w, h = img.size
     scale = resize / min(w, h)
     size = (max(resize, round(w * scale)), max(resize, round(h * scale)))
-    return np.asarray(img.resize(size, Image.BILINEAR), dtype=np.uint8)
+    array = np.asarray(img.resize(size, Image.BILINEAR), dtype=np.uint8)
+    return array if array.ndim == 3 else array[:, :, None]
+
+
+def decode(path: Path | str, resize: int, mode: str = "RGB") -> np.ndarray:
+    try:
+        opened = Image.open(path)
+    except DECODE_ERRORS as err:
+        raise UndecodableImage(f"{path}: {err}") from err
+    return prepare(opened, resize, mode, str(path))
 
 
 def center_crop(array: np.ndarray, size: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,12 @@ from PIL import Image
 
 from experiments import EXPERIMENTS, Experiment
 from tuning.datasets import DATASETS, DATA_ROOT_ENV, FolderSource
+from tuning.store import CACHE_ENV
 
 TINY = "tiny"
+# Decoded stores and feature caches of this test session go to a fresh dir, not ~/.cache; set
+# before Ray starts so its workers inherit it.
+os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="tuning-cache-")
 
 
 @pytest.fixture(scope="session")

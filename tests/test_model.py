@@ -10,11 +10,12 @@ import torch
 import torchvision
 
 from trainables.finetune import build_optimizer, train_one_epoch
+from trainables.inputs import Feed
 from tuning.backbones import BACKBONES, LITE0_SHA256
 from tuning.datasets import Split
 from tuning.errors import UsageError
 from tuning.hparams import HParams
-from tuning.images import Normalize, TrainAugment
+from tuning.images import Normalize, TrainViews
 from tuning.model import build_model
 
 LITE0 = "efficientnet_lite0"
@@ -50,8 +51,10 @@ def test_frozen_stages_are_bit_identical_after_training(lite0_weights, depth):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hp = HParams(lr=0.05, head_lr_mult=10, freeze_depth=depth, batch_size=4)
     torch.manual_seed(0)
-    train_one_epoch(model, build_optimizer(model, hp), tiny_split(), TrainAugment(32),
-                    Normalize((0.5,) * 3, (0.5,) * 3), 4, torch.device("cpu"), 0)
+    split, views, norm = tiny_split(), TrainViews(32), Normalize((0.5,) * 3, (0.5,) * 3)
+    feed = Feed(torch.from_numpy(split.labels),
+                lambda idx: model.frozen_features(norm(views.batch(split.images, idx, 0))), cached=False)
+    train_one_epoch(model, build_optimizer(model, hp), feed, 4)
     after = model.state_dict()
     for i in range(len(model.stages)):
         keys = [k for k in before if k.startswith(f"stages.{i}.") and "num_batches" not in k]

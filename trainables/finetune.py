@@ -1,20 +1,21 @@
 """The Ray Tune function trainable: fine-tune one configuration, report every epoch.
 
-Decoded images arrive through Ray's object store (decoded once by the driver), so a trial's work
-is only the network's. Each epoch: train, validate, report metrics and a checkpoint; a restarted
-trial resumes from `tune.get_checkpoint()`.
+Decoded images come memory-mapped from the store (decoded once per machine), and a frozen prefix's
+outputs from the shared feature cache, so a trial's own work is only the trainable stages'. Each
+epoch: train, validate, report metrics and a checkpoint; a restarted trial resumes from
+`tune.get_checkpoint()`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
@@ -22,56 +23,42 @@ from ray import tune
 from torch import nn
 
 from experiments.base import Experiment
+from trainables.inputs import Feed, TrialData, TrialInputs
 from tuning import metrics as M
 from tuning.backbones import BACKBONES
-from tuning.datasets import Dataset, Split
 from tuning.hparams import HParams
-from tuning.images import Normalize, TrainAugment, eval_batch
+from tuning.images import Normalize
 from tuning.model import FineTuneNet, build_model
 
 CHECKPOINT_FILE = "state.pt"
 FAULT_ENV = "TUNING_TEST_FAULT"
 
-
-@dataclass(frozen=True)
-class SharedData:
-    """The decoded dataset in Ray's object store. Wrapping the reference keeps `with_parameters`
-    from serialising the images a second time; trials read them zero-copy."""
-
-    ref: ray.ObjectRef
-
-    def get(self) -> Dataset:
-        return ray.get(self.ref)
+Fault = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def finetune(
-    config: dict[str, Any], *, experiment: Experiment, data: SharedData, weights: str | None
-) -> None:
+def finetune(config: dict[str, Any], *, experiment: Experiment, data: TrialData, weights: str | None) -> None:
     hp = HParams.from_config(config)
     device = select_device()
-    dataset = data.get()
-    train, val = dataset.splits["train"], dataset.splits["val"]
+    dataset = data.store.open()
     spec = BACKBONES.get(experiment.backbone)
-    norm = Normalize(spec.mean, spec.std)
-
     model = build_model(
         experiment.backbone, len(dataset.classes), Path(weights) if weights else None, hp.freeze_depth
     ).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, hp)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=experiment.epochs)
     start = restore(model, optimizer, schedule)
 
-    augment = TrainAugment(experiment.image_size)
-    val_x = eval_batch(val.images, experiment.image_size)
-    val_y = torch.from_numpy(val.labels)
+    inputs = TrialInputs(dataset, experiment, model, Normalize(spec.mean, spec.std), data.cache, device)
+    val = inputs.val()
+    fault = fault_injector(config)
     # from the configuration, not Ray's random trial id: the same --seed trains the same way
     trial_seed = experiment.seed + zlib.crc32(json.dumps(config, sort_keys=True).encode())
     node = ray.get_runtime_context().get_node_id()
     for epoch in range(start, experiment.epochs):
         torch.manual_seed(trial_seed + epoch)
-        train_loss, images_per_s = train_one_epoch(
-            model, optimizer, train, augment, norm, hp.batch_size, device, epoch, config
-        )
+        train_loss, images_per_s = train_one_epoch(model, optimizer, inputs.train(epoch), hp.batch_size, epoch, fault)
         if not math.isfinite(train_loss):
             # Diverged: end the trial as the worst possible result, which ASHA and Optuna still
             # learn from. No checkpoint and no exception, so no retry storm.
@@ -79,7 +66,7 @@ def finetune(
                          M.EPOCH: epoch + 1, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node})
             return
         schedule.step()
-        val_loss, val_acc = evaluate(model, val_x, val_y, norm, device)
+        val_loss, val_acc = evaluate(model, val)
         report(model, optimizer, schedule, epoch, {
             M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, M.TRAIN_LOSS: train_loss,
             M.EPOCH: epoch + 1, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node,
@@ -101,21 +88,31 @@ def build_optimizer(model: FineTuneNet, hp: HParams) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
 
 
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 on CUDA (no loss scaling needed, unlike fp16); full precision on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_one_epoch(
-    model: FineTuneNet, optimizer: torch.optim.Optimizer, split: Split, augment: TrainAugment,
-    norm: Normalize, batch_size: int, device: torch.device, epoch: int, config: dict[str, Any] | None = None,
+    model: FineTuneNet, optimizer: torch.optim.Optimizer, feed: Feed, batch_size: int, epoch: int = 0,
+    fault: Fault | None = None,
 ) -> tuple[float, float]:
     model.train()
+    device = feed.labels.device
     loss_fn = nn.CrossEntropyLoss()
-    order = torch.randperm(len(split)).tolist()
+    order = torch.randperm(len(feed)).tolist()
     total, seen, start = 0.0, 0, time.perf_counter()
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         if len(idx) < 2 and seen:  # a batch of one breaks BatchNorm; drop the ragged tail
             break
-        x = norm(augment([split.images[j] for j in idx]).to(device))
-        y = torch.from_numpy(split.labels[idx]).to(device)
-        loss = _inject_fault(loss_fn(model(x), y), epoch, config or {})
+        x, y = feed.batch(idx).to(device, non_blocking=True), feed.labels[idx]
+        with autocast(device):
+            loss = loss_fn(model.trainable_forward(x).float(), y)
+        if fault is not None:
+            loss = fault(loss, epoch)
         if not torch.isfinite(loss):
             return float("nan"), seen / (time.perf_counter() - start)
         optimizer.zero_grad(set_to_none=True)
@@ -127,19 +124,19 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, norm: Normalize, device: torch.device,
-    batch_size: int = 64,
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over eval images (uint8 NCHW, already cropped)."""
+def evaluate(model: FineTuneNet, feed: Feed, batch_size: int = 64) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a split's eval crops."""
     model.eval()
+    device = feed.labels.device
     loss_sum, correct = 0.0, 0
-    for i in range(0, len(y), batch_size):
-        logits = model(norm(x_uint8[i : i + batch_size].to(device)))
-        target = y[i : i + batch_size].to(device)
+    for i in range(0, len(feed), batch_size):
+        idx = list(range(i, min(len(feed), i + batch_size)))
+        with autocast(device):
+            logits = model.trainable_forward(feed.batch(idx).to(device)).float()
+        target = feed.labels[idx]
         loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
-    return loss_sum / len(y), correct / len(y)
+    return loss_sum / len(feed), correct / len(feed)
 
 
 def report(model, optimizer, schedule, epoch: int, result: dict[str, float]) -> None:
@@ -165,25 +162,31 @@ def restore(model, optimizer, schedule) -> int:
     return int(state["epoch"])
 
 
-def _inject_fault(loss: torch.Tensor, epoch: int, config: dict[str, Any]) -> torch.Tensor:
-    """Test-only hook, read from $TUNING_TEST_FAULT = KIND[,PARAM=VALUE]: `nan` makes every loss
-    NaN; `raise@E` raises in epoch E on a trial's first attempt only (a retry can succeed);
-    `raise-always@E` raises in epoch E on every attempt. With `,PARAM=VALUE` only trials whose
-    hyperparameter PARAM has that value are hit."""
+def fault_injector(config: dict[str, Any]) -> Fault | None:
+    """Test-only hook, read once per trial from $TUNING_TEST_FAULT = KIND[,PARAM=VALUE]: `nan` makes
+    every loss NaN; `raise@E` raises in epoch E on a trial's first attempt only (a retry can
+    succeed); `raise-always@E` raises in epoch E on every attempt. With `,PARAM=VALUE` only trials
+    whose hyperparameter PARAM has that value are hit."""
     spec, _, condition = os.environ.get(FAULT_ENV, "").partition(",")
+    if not spec:
+        return None
     if condition:
         key, _, value = condition.partition("=")
         if str(config.get(key)) != value:
-            return loss
+            return None
     if spec == "nan":
-        return loss * float("nan")
+        return lambda loss, epoch: loss * float("nan")
     kind, _, at = spec.partition("@")
-    if kind in ("raise", "raise-always") and epoch == int(at):
-        marker = Path(tune.get_context().get_trial_dir()) / ".fault_injected"
-        if kind == "raise-always" or not marker.exists():
-            marker.touch()
-            raise RuntimeError(f"injected fault in epoch {epoch}")
-    return loss
+    marker = Path(tune.get_context().get_trial_dir()) / ".fault_injected"
+
+    def inject(loss: torch.Tensor, epoch: int) -> torch.Tensor:
+        if kind in ("raise", "raise-always") and epoch == int(at):
+            if kind == "raise-always" or not marker.exists():
+                marker.touch()
+                raise RuntimeError(f"injected fault in epoch {epoch}")
+        return loss
+
+    return inject
 
 
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:

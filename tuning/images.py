@@ -7,6 +7,7 @@ preprocessing (`eval_tensor`) is the very code the trial was validated with.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,18 +82,51 @@ def eval_batch(arrays: Sequence[np.ndarray], size: int) -> torch.Tensor:
     return torch.stack([center_crop(a, size) for a in arrays])
 
 
-class TrainAugment:
-    """RandomResizedCrop + horizontal flip, as every seed does, on decoded uint8 images."""
+@dataclass(frozen=True)
+class TrainViews:
+    """The seeds' RandomResizedCrop + horizontal flip, with the randomness fixed by (seed, epoch,
+    image): every trial sees the same view of image i in epoch e. Trials still differ in order and
+    batching; what they share is the input, which is what lets trials at one freeze depth share the
+    frozen stages' outputs (tuning.features) and keeps a configuration's training reproducible."""
 
-    def __init__(self, size: int) -> None:
-        self.transform = v2.Compose(
-            [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-        )
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    seed: int = 0
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
-    def __call__(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        return torch.stack(
-            [self.transform(torch.from_numpy(a).permute(2, 0, 1)) for a in arrays]
-        )
+    def view(self, image: np.ndarray, epoch: int, index: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, epoch, index])
+        top, left, h, w = crop_params(image.shape[0], image.shape[1], self.scale, self.ratio, rng)
+        chw = torch.from_numpy(image).permute(2, 0, 1)
+        out = v2.functional.resized_crop(chw, top, left, h, w, [self.size, self.size], antialias=True)
+        return out.flip(-1) if self.hflip and rng.random() < 0.5 else out
+
+    def batch(self, images: Sequence[np.ndarray], indices: Sequence[int], epoch: int) -> torch.Tensor:
+        return torch.stack([self.view(images[i], epoch, i) for i in indices])
+
+
+def crop_params(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawing from `rng` instead of torch's global RNG."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def eval_tensor(path: Path | str, image_size: int, norm: Normalize) -> torch.Tensor:

@@ -36,17 +36,24 @@ class FineTuneNet(nn.Module):
             stage.eval()  # frozen BatchNorm keeps its ImageNet statistics
         return self
 
-    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def fully_frozen(self) -> bool:
+        return self.freeze_depth == len(self.stages)
+
+    def frozen_features(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The frozen prefix's output: what tuning.features caches and shares between trials.
+        `start` > 0 continues from stage `start`'s input (a shallower cached prefix). Fully frozen,
+        the parameter-free pooling belongs to the prefix too: 1280 values an image instead of 62720."""
         with torch.no_grad():
-            for stage in self.stages[: self.freeze_depth]:
+            for stage in self.stages[start : self.freeze_depth]:
                 x = stage(x)
-        return x
+            return self.pool(x) if self.fully_frozen else x
 
     def trainable_forward(self, features: torch.Tensor) -> torch.Tensor:
         x = features
         for stage in self.stages[self.freeze_depth :]:
             x = stage(x)
-        return self.head(self.pool(x))
+        return self.head(x if self.fully_frozen else self.pool(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trainable_forward(self.frozen_features(x))

@@ -10,11 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import ray
 
 from experiments import EXPERIMENTS, Experiment
-from trainables.finetune import SharedData
-from tuning import datasets, results
+from tuning import datasets, results, store
 from tuning.backbones import BACKBONES
 from tuning.errors import UsageError, exit_on_usage_error
 from tuning.export import export, find_best
@@ -44,6 +42,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in the run dir")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, fractions allowed (default 1)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions pack trials on one GPU (default 0)")
+    p.add_argument("--feature-cache-gb", type=float, default=4.0, help="disk for frozen-layer features shared by trials, per machine (default 4; 0 = off)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a trial that raised, from its last checkpoint (default 2)")
     p.add_argument("--seed", type=int, help="seed of the Optuna sampler and of training (default 0)")
     p.add_argument("--smoke-test", action="store_true", help="tiny run: 2 samples, 2 epochs, 64 px, 8 images per class")
@@ -69,9 +68,12 @@ def configure(args: argparse.Namespace) -> tuple[Experiment, Placement]:
             raise UsageError(f"--{flag} must be a positive integer, got {getattr(experiment, flag)}")
     if args.max_failures < 0:
         raise UsageError("--max-failures must not be negative")
+    if args.feature_cache_gb < 0:
+        raise UsageError("--feature-cache-gb must not be negative")
     placement = Placement(
         storage=args.storage, name=args.name, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures, verbose=args.verbose,
+        feature_cache_gb=args.feature_cache_gb,
     )
     return experiment, placement
 
@@ -85,16 +87,15 @@ def resolve_weights(experiment: Experiment, weights: Path | None) -> Path | None
     return path.resolve()
 
 
-def load_data(experiment: Experiment, data_root: str | None) -> datasets.Dataset:
-    data = datasets.load(
-        datasets.DATASETS.get(experiment.dataset),
-        datasets.resolve_data_root(data_root),
-        resize_for(experiment.image_size),
-        experiment.per_class,
-    )
+def load_data(experiment: Experiment, data_root: str | None) -> tuple[store.StoreHandle, datasets.Dataset]:
+    """List the dataset, then decode it into the store unless this machine already has it."""
+    source = datasets.DATASETS.get(experiment.dataset)
+    listing = source.list(datasets.resolve_data_root(data_root), seed=experiment.seed, per_class=experiment.per_class)
+    handle = store.build(listing, resize_for(experiment.image_size), experiment.image_mode)
+    data = handle.open()
     print(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.splits.items())} images, "
           f"classes {data.classes}", flush=True)
-    return data
+    return handle, data
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,10 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.resume:
             check_same_experiment(location.local, experiment)
         weights = resolve_weights(experiment, args.weights)
-        data = load_data(experiment, args.data_root)
+        handle, data = load_data(experiment, args.data_root)
         start_ray(args.address, args.dashboard, args.verbose)
         check_resources(placement)
-        trainable = make_trainable(experiment, placement, SharedData(ray.put(data)), weights)
+        trainable = make_trainable(experiment, placement, handle, weights)
         if args.resume:
             prune_unknown_trials(location)
             tuner = restore_tuner(location.uri, trainable)

@@ -16,7 +16,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from experiments.base import Experiment
 from search_spaces import SEARCH_SPACES
-from trainables.finetune import SharedData, finetune
+from trainables.finetune import finetune
+from trainables.inputs import TrialData
+from tuning import features, store
 from tuning import metrics as M
 from tuning.backbones import BACKBONES
 from tuning.errors import UsageError
@@ -37,6 +39,7 @@ class Placement:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_failures: int = 2  # retries of a trial that raised, from its last checkpoint
+    feature_cache_gb: float = 4.0  # disk for shared frozen-prefix features, per machine; 0 = off
     verbose: bool = False  # Ray's own progress tables instead of our status line
 
     def location(self, experiment: Experiment) -> RunLocation:
@@ -80,9 +83,26 @@ def trial_dirname(trial: "Trial") -> str:
     return f"trial_{trial.trial_id}"
 
 
+def feature_cache(
+    experiment: Experiment, placement: Placement, handle: store.StoreHandle, weights: Path | None
+) -> features.FeatureCache | None:
+    """Frozen stages are shared only when every trial's are the same pretrained weights."""
+    if placement.feature_cache_gb <= 0 or weights is None:
+        return None
+    identity = {
+        "store": handle.key, "backbone": experiment.backbone, "weights": store.file_digest(weights),
+        "image_size": experiment.image_size, "image_mode": experiment.image_mode,
+        "gray_input": getattr(experiment, "gray_input", None), "crop_scale": list(experiment.crop_scale),
+        "hflip": experiment.hflip, "seed": experiment.seed,
+    }
+    return features.FeatureCache(features.namespace(**identity), int(placement.feature_cache_gb * 2**30))
+
+
 def make_trainable(
-    experiment: Experiment, placement: Placement, data: SharedData, weights: Path | None
+    experiment: Experiment, placement: Placement, handle: store.StoreHandle, weights: Path | None
 ) -> tune.Trainable:
+    multi_node = len([n for n in ray.nodes() if n.get("Alive")]) > 1
+    data = TrialData(store.share(handle, multi_node), feature_cache(experiment, placement, handle, weights))
     return tune.with_resources(
         tune.with_parameters(
             finetune, experiment=experiment, data=data, weights=str(weights) if weights else None

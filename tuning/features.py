@@ -1,0 +1,132 @@
+"""The frozen-prefix feature cache: the output of the first k (frozen) stages, computed once per
+machine and shared by every trial with freeze depth k.
+
+Frozen stages have fixed pretrained weights and BatchNorm in eval mode, so their output for an
+image depends only on the input view; views are fixed per (seed, epoch, image)
+(`tuning.images.TrainViews`), so every trial at depth k needs the very same arrays: validation
+features once, training features once per epoch. Each entry is a `.npy` file, memory-mapped by the
+trials that read it. A per-entry file lock makes two trials that need an entry at the same time
+compute it once; a deeper entry starts from the deepest shallower one already cached. The cache
+never holds more than `limit_bytes` on disk: least recently used entries are evicted, and an entry
+larger than the whole limit is not cached (its trial computes the prefix as it goes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from tuning.store import cache_root
+
+FORMAT = "tuning-features-1"
+ENTRY = re.compile(r"d(\d+)-(.+)\.npy$")
+
+# A batch of the prefix's inputs for the given image indices (normalised float NCHW, on the device).
+Inputs = Callable[[range], torch.Tensor]
+
+
+def namespace(**identity: object) -> str:
+    """Everything the frozen features depend on: data, decode size, views, backbone, weights."""
+    text = json.dumps({"format": FORMAT, **identity}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    namespace: str
+    limit_bytes: int
+    root: str | None = None  # default: this machine's cache_root()/features, resolved in the trial
+
+    @property
+    def base(self) -> Path:
+        return Path(self.root) if self.root else cache_root() / "features"
+
+    def entry(self, depth: int, view: str) -> Path:
+        return self.base / self.namespace / f"d{depth}-{view}.npy"
+
+    def get(
+        self, model: torch.nn.Module, depth: int, view: str, count: int, inputs: Inputs, batch_size: int = 64
+    ) -> np.ndarray | None:
+        """The depth-`depth` features of `count` images (memory-mapped, read-only), or None when
+        they cannot fit under the limit."""
+        path = self.entry(depth, view)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if path.is_file():
+                os.utime(path)  # recently used
+                return np.load(path, mmap_mode="r")
+            start, source = self.deepest_below(depth, view)
+            batches = prefix_batches(model, start, source, count, inputs, batch_size)
+            first = next(batches)
+            shape = (count, *first.shape[1:])
+            if not self.reserve(int(np.prod(shape)) * 4):
+                return None
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            out[: len(first)] = first
+            done = len(first)
+            for block in batches:
+                out[done : done + len(block)] = block
+                done += len(block)
+            out.flush()
+            del out
+            tmp.replace(path)
+            return np.load(path, mmap_mode="r")
+
+    def deepest_below(self, depth: int, view: str) -> tuple[int, np.ndarray | None]:
+        """A cached shallower prefix of the same view to start from: stage outputs compose."""
+        for d in range(depth - 1, 0, -1):
+            path = self.entry(d, view)
+            if path.is_file():
+                try:
+                    return d, np.load(path, mmap_mode="r")
+                except (OSError, ValueError):  # evicted meanwhile
+                    continue
+        return 0, None
+
+    def reserve(self, size: int) -> bool:
+        """Make room for `size` bytes, evicting least recently used entries; False if it can never fit."""
+        if size > self.limit_bytes:
+            return False
+        self.base.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.base / "budget.lock")):
+            files = sorted(self._files(), key=lambda f: f[1])
+            used = sum(s for _, _, s in files)
+            for path, _, s in files:
+                if used + size <= self.limit_bytes:
+                    break
+                if path.suffix == ".npy":  # a .tmp is being written by a live trial
+                    path.unlink(missing_ok=True)  # readers keep their mapping until they close it
+                    used -= s
+        return True
+
+    def _files(self) -> Iterator[tuple[Path, float, int]]:
+        for path in self.base.glob("*/*"):
+            if path.suffix in (".npy", ".tmp"):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                yield path, st.st_mtime, st.st_size
+
+    def used_bytes(self) -> int:
+        return sum(s for _, _, s in self._files())
+
+
+def prefix_batches(
+    model: torch.nn.Module, start: int, source: np.ndarray | None, count: int, inputs: Inputs, batch_size: int
+) -> Iterator[np.ndarray]:
+    """The frozen prefix's output, batch by batch, from the inputs or from a shallower entry."""
+    device = next(model.parameters()).device
+    for i in range(0, count, batch_size):
+        idx = range(i, min(count, i + batch_size))
+        x = torch.from_numpy(np.array(source[i : idx.stop])).to(device) if source is not None else inputs(idx)
+        yield model.frozen_features(x, start=start).float().cpu().numpy()

@@ -26,7 +26,9 @@ def save_spec(run_dir: Path, experiment: Experiment, classes: list[str]) -> None
 
 def load_spec(run_dir: Path) -> tuple[Experiment, list[str]]:
     spec = json.loads((run_dir / SPEC_FILE).read_text())
-    return Experiment(**spec["experiment"]), spec["classes"]
+    # JSON has no tuples; the frozen Experiment holds its sequences as tuples
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["experiment"].items()}
+    return Experiment(**fields), spec["classes"]
 
 
 def check_storage(location: RunLocation) -> None:

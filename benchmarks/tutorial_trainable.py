@@ -1,0 +1,86 @@
+"""The seeds' training loop as a Ray Tune trainable: the baseline of benchmarks/search.py.
+
+What the tutorials do, per trial: torchvision ImageFolder + DataLoader that opens and decodes every
+JPEG every epoch, RandomResizedCrop + flip on PIL images, a full forward pass every step (frozen
+stages included), validation the same way. The network, optimizer, schedule, metrics and
+checkpoints are ours, so the two arms differ only in how the data reaches the model.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from ray import tune
+from torch import nn
+from torchvision import transforms
+
+from experiments.base import Experiment
+from trainables.finetune import build_optimizer, report, select_device
+from tuning import metrics as M
+from tuning.backbones import BACKBONES
+from tuning.datasets import DATASETS
+from tuning.hparams import HParams
+from tuning.images import resize_for
+from tuning.model import build_model
+from tuning.search import Placement
+
+
+def tutorial(config: dict[str, Any], *, experiment: Experiment, folder: str, weights: str) -> None:
+    hp = HParams.from_config(config)
+    device = select_device()
+    spec = BACKBONES.get(experiment.backbone)
+    size = experiment.image_size
+    norm = transforms.Normalize(spec.mean, spec.std)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), norm])
+    val_tf = transforms.Compose([transforms.Resize(resize_for(size)), transforms.CenterCrop(size),
+                                 transforms.ToTensor(), norm])
+    rgb = lambda path: torchvision.datasets.folder.pil_loader(path)  # noqa: E731 (GIFs become RGB)
+    train = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(f"{folder}/train", train_tf, loader=rgb),
+                                        batch_size=hp.batch_size, shuffle=True, drop_last=True)
+    val = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(f"{folder}/val", val_tf, loader=rgb),
+                                      batch_size=64)
+    model = build_model(experiment.backbone, 2, Path(weights), hp.freeze_depth).to(device)
+    optimizer = build_optimizer(model, hp)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=experiment.epochs)
+    loss_fn = nn.CrossEntropyLoss()
+    best = 0.0
+    for epoch in range(experiment.epochs):
+        model.train()
+        total, seen = 0.0, 0
+        for x, y in train:
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, seen = total + loss.item() * len(y), seen + len(y)
+        schedule.step()
+        model.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        with torch.no_grad():
+            for x, y in val:
+                logits = model(x.to(device))
+                loss_sum += nn.functional.cross_entropy(logits, y.to(device), reduction="sum").item()
+                correct += (logits.argmax(1).cpu() == y).sum().item()
+                count += len(y)
+        train_loss = total / max(seen, 1)
+        val_acc = correct / count if math.isfinite(train_loss) else 0.0
+        best = max(best, val_acc)
+        report(model, optimizer, schedule, epoch, {
+            M.VAL_ACC: val_acc, M.VAL_LOSS: loss_sum / count, M.TRAIN_LOSS: train_loss, M.EPOCH: epoch + 1,
+            "best_val_acc": best,
+        })
+        if not math.isfinite(train_loss):
+            return
+
+
+def make_tutorial_trainable(experiment: Experiment, placement: Placement, data_root: Path) -> tune.Trainable:
+    folder = Path(data_root) / DATASETS.get(experiment.dataset).dirname
+    weights = BACKBONES.get(experiment.backbone).default_weights()
+    return tune.with_resources(
+        tune.with_parameters(tutorial, experiment=experiment, folder=str(folder.resolve()), weights=str(weights)),
+        {"cpu": placement.cpus_per_trial, "gpu": placement.gpus_per_trial},
+    )

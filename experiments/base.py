@@ -19,6 +19,7 @@ class Experiment:
     reduction_factor: int = 3
     image_size: int = 224
     image_mode: str = "RGB"  # "L": one-channel data (MNIST); the first convolution is adapted
+    gray_input: str = "sum"  # for "L": "sum" the RGB kernels into one, or "repeat" gray 3x (tuning.model)
     # Training views, as the seeds' RandomResizedCrop + RandomHorizontalFlip; digits must not flip.
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True

@@ -97,8 +97,14 @@ def select_device() -> torch.device:
 
 
 def build_optimizer(model: FineTuneNet, hp: HParams) -> torch.optim.Optimizer:
+    """SGD with momentum (seeds 003/004) or Adam (seeds 000/001), over the head and backbone
+    groups; weight decay is L2 in both, as the seeds' torch.optim calls have it."""
     groups = model.param_groups(hp.lr, hp.head_lr_mult, hp.weight_decay)
-    return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=hp.lr)
+    raise ValueError(f"optimizer {hp.optimizer!r} is neither 'sgd' nor 'adam'")
 
 
 def train_one_epoch(

@@ -13,11 +13,12 @@ from pathlib import Path
 import ray
 
 from experiments import EXPERIMENTS, Experiment
+from experiments.folder import folder_experiment
 from trainables.finetune import SharedData
 from tuning import datasets, results
 from tuning.backbones import BACKBONES
 from tuning.errors import UsageError, exit_on_usage_error
-from tuning.export import export, find_best
+from tuning.export import export, find_best, score_on_test
 from tuning.images import resize_for
 from tuning.model import build_model
 from tuning.rundir import (
@@ -56,7 +57,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def configure(args: argparse.Namespace) -> tuple[Experiment, Placement]:
     if not args.experiment:
         raise UsageError(f"name an experiment: {', '.join(EXPERIMENTS.names())}")
-    experiment = EXPERIMENTS.get(args.experiment)
+    if args.experiment.startswith(datasets.FOLDER_PREFIX):
+        experiment = folder_experiment(args.experiment)
+    else:
+        experiment = EXPERIMENTS.get(args.experiment)
     overrides = dict(SMOKE) if args.smoke_test else {}
     explicit = {"samples": args.samples, "epochs": args.epochs, "backbone": args.backbone, "seed": args.seed}
     overrides.update({k: v for k, v in explicit.items() if v is not None})
@@ -87,10 +91,12 @@ def resolve_weights(experiment: Experiment, weights: Path | None) -> Path | None
 
 def load_data(experiment: Experiment, data_root: str | None) -> datasets.Dataset:
     data = datasets.load(
-        datasets.DATASETS.get(experiment.dataset),
+        datasets.create_source(experiment.dataset),
         datasets.resolve_data_root(data_root),
         resize_for(experiment.image_size),
         experiment.per_class,
+        experiment.seed,
+        experiment.image_mode,
     )
     print(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.splits.items())} images, "
           f"classes {data.classes}", flush=True)
@@ -100,7 +106,7 @@ def load_data(experiment: Experiment, data_root: str | None) -> datasets.Dataset
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.list:
-        print("experiments:", ", ".join(EXPERIMENTS.names()))
+        print("experiments:", ", ".join(EXPERIMENTS.names()), f"(or {datasets.FOLDER_PREFIX}PATH, your own folder)")
         print("backbones:  ", ", ".join(BACKBONES.names()))
         return
     started = time.time()
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         data = load_data(experiment, args.data_root)
         start_ray(args.address, args.dashboard, args.verbose)
         check_resources(placement)
-        trainable = make_trainable(experiment, placement, SharedData(ray.put(data)), weights)
+        trainable = make_trainable(experiment, placement, SharedData(ray.put(datasets.search_splits(data))), weights)
         if args.resume:
             prune_unknown_trials(location)
             tuner = restore_tuner(location.uri, trainable)
@@ -126,14 +132,21 @@ def main(argv: list[str] | None = None) -> None:
         grid = tuner.fit()
         best = find_best(grid)
         export_dir = export(best, experiment, data.classes, location.local)
+        test = data.splits.get("test")
+        test_acc = score_on_test(export_dir, test) if test is not None else None
         location.push("best")
         table = results.write(location)
-    print_summary(grid, best, export_dir, table, location.uri, time.time() - started)
+    print_summary(grid, best, export_dir, table, location.uri, time.time() - started,
+                  (test_acc, len(test)) if test is not None else None)
 
 
-def print_summary(grid, best, export_dir: Path, table: str, run_dir: str, wall_s: float) -> None:
+def print_summary(
+    grid, best, export_dir: Path, table: str, run_dir: str, wall_s: float, test: tuple[float, int] | None = None
+) -> None:
     print(f"\nbest hyperparameters: {json.dumps(best.config)}")
     print(f"best val_acc: {best.metrics['val_acc']:.4f} (epoch {best.metrics['epoch']}, trial {best.trial_id})")
+    if test is not None:
+        print(f"test_acc: {test[0]:.4f} ({test[1]} test images, scored once after the search)")
     print(f"trials: {len(grid)}, errored: {len(grid.errors)}, wall-clock: {wall_s:.0f} s")
     for result in grid:
         if result.error is not None:

@@ -19,13 +19,16 @@ class Experiment:
     reduction_factor: int = 3
     image_size: int = 224
     image_mode: str = "RGB"  # "L": one-channel data (MNIST); the first convolution is adapted
+    gray_input: str = "sum"  # for "L": "sum" the RGB kernels into one, or "repeat" gray 3x (tuning.model)
     # Training views, as the seeds' RandomResizedCrop + RandomHorizontalFlip; digits must not flip.
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
     per_class: int | None = None  # keep at most this many images per class and split (smoke tests)
     seed: int = 0
     pretrained: bool = True
-    # The seeds' hand recipe, evaluated first so the search never ends worse than the tutorial.
+    # The seeds' hand recipe, evaluated first so the search never ends worse than the tutorial:
+    # the PyTorch tutorial's SGD at 1e-3, no weight decay (1e-6, the searched range's "none").
     recipe: dict[str, Any] = field(
-        default_factory=lambda: {"lr": 1e-3, "head_lr_mult": 10.0, "freeze_depth": 0, "batch_size": 32}
+        default_factory=lambda: {"optimizer": "sgd", "lr": 1e-3, "head_lr_mult": 10.0, "freeze_depth": 0,
+                                 "batch_size": 32, "weight_decay": 1e-6}
     )

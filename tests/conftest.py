@@ -98,3 +98,44 @@ def trial_dirs(run_dir: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def finished_export(finished_run) -> Path:
     return finished_run / "best"
+
+
+def make_flat_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    """`root/<class>/*` as the Pokemon set has it: jpg, jpeg and png mixed, PNGs with alpha or a
+    palette among them."""
+    rng = np.random.default_rng(seed)
+    kinds = [(".jpg", "RGB"), (".jpeg", "RGB"), (".png", "RGBA"), (".png", "P"), (".png", "RGB")]
+    for label, (cls, n) in enumerate(counts.items()):
+        for i in range(n):
+            suffix, mode = kinds[i % len(kinds)]
+            write_image(root / cls / f"{cls}{i:03d}{suffix}", label % 2, rng, mode=mode)
+    return root
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """A real idx file (magic 2051 for uint8 images, 2049 for labels, big-endian sizes), gzipped
+    when the name ends in .gz."""
+    import gzip
+
+    magic = {3: 2051, 1: 2049}[array.ndim]
+    payload = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    payload += np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+
+
+def make_mnist(root: Path, n_train: int = 200, n_test: int = 60, gz: bool = True, seed: int = 0) -> Path:
+    """torchvision's `root/MNIST/raw/` with 28x28 digits: each class a bright bar at its own place,
+    under noise (learnable, not trivial). Images gzipped when `gz`, labels the other way round,
+    so one dataset exercises both."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, d in enumerate(labels):
+            images[i, 4 + 2 * d : 6 + 2 * d, 4:24] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{'.gz' if gz else ''}", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{'' if gz else '.gz'}", labels.astype(np.uint8))
+    return root

@@ -42,7 +42,8 @@ def finetune(config: dict[str, Any], *, experiment: Experiment, data: TrialData,
     dataset = data.store.open()
     spec = BACKBONES.get(experiment.backbone)
     model = build_model(
-        experiment.backbone, len(dataset.classes), Path(weights) if weights else None, hp.freeze_depth
+        experiment.backbone, len(dataset.classes), Path(weights) if weights else None, hp.freeze_depth,
+        image_mode=experiment.image_mode, gray_input=experiment.gray_input,
     ).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -50,7 +51,8 @@ def finetune(config: dict[str, Any], *, experiment: Experiment, data: TrialData,
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=experiment.epochs)
     start = restore(model, optimizer, schedule)
 
-    inputs = TrialInputs(dataset, experiment, model, Normalize(spec.mean, spec.std), data.cache, device)
+    norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
+    inputs = TrialInputs(dataset, experiment, model, norm, data.cache, device)
     val = inputs.val()
     fault = fault_injector(config)
     # from the configuration, not Ray's random trial id: the same --seed trains the same way
@@ -84,8 +86,14 @@ def select_device() -> torch.device:
 
 
 def build_optimizer(model: FineTuneNet, hp: HParams) -> torch.optim.Optimizer:
+    """SGD with momentum (seeds 003/004) or Adam (seeds 000/001), over the head and backbone
+    groups; weight decay is L2 in both, as the seeds' torch.optim calls have it."""
     groups = model.param_groups(hp.lr, hp.head_lr_mult, hp.weight_decay)
-    return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    if hp.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=hp.lr)
+    raise ValueError(f"optimizer {hp.optimizer!r} is neither 'sgd' nor 'adam'")
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

@@ -26,6 +26,7 @@ class Backbone:
     num_stages: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    first_conv: Callable[[nn.Module], nn.Conv2d]  # the convolution that sees the input's channels
     default_weights: Callable[[], Path]  # the file of ImageNet weights; UsageError if unobtainable
     adapt_state_dict: Callable[[dict, nn.Module], dict] = lambda sd, net: sd
 
@@ -76,6 +77,7 @@ BACKBONES.add(
         num_stages=9,  # stem, 7 block groups, conv head
         mean=(0.5, 0.5, 0.5),  # TF-ported weights expect [-1, 1] inputs, not ImageNet statistics
         std=(0.5, 0.5, 0.5),
+        first_conv=lambda net: net.conv_stem,
         default_weights=_lite0_weights,
         adapt_state_dict=_by_order,
     ),
@@ -122,6 +124,7 @@ for _name, _weights in [
             num_stages=5,  # stem, layer1-4
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
+            first_conv=lambda net: net.conv1,
             default_weights=_hub_weights(_weights.url),
         ),
     )

@@ -18,11 +18,12 @@ import torch
 from ray.tune import ResultGrid
 
 from experiments.base import Experiment
-from trainables.finetune import load_state
+from trainables.finetune import evaluate, load_state
 from tuning import metrics as M
 from tuning.backbones import BACKBONES
+from tuning.datasets import Split
 from tuning.errors import UsageError
-from tuning.images import Normalize, resize_for
+from tuning.images import Normalize, eval_batch, resize_for
 from tuning.model import FineTuneNet, build_model
 
 MODEL_FILE = "model.pt"
@@ -65,6 +66,8 @@ def export(best: Best, experiment: Experiment, classes: list[str], run_dir: Path
         "classes": classes,
         "image_size": experiment.image_size,
         "resize": resize_for(experiment.image_size),
+        "image_mode": experiment.image_mode,  # "L": decode as one channel
+        "gray_input": experiment.gray_input,  # how the network takes one channel (tuning.model)
         "mean": list(backbone.mean),
         "std": list(backbone.std),
         "hparams": best.config,
@@ -116,6 +119,18 @@ def load_exported(export_dir: Path) -> tuple[FineTuneNet, dict[str, Any], Normal
     if not meta_path.is_file() or not model_path.is_file():
         raise UsageError(f"{export_dir} is not an export: it lacks {META_FILE} or {MODEL_FILE}")
     meta = json.loads(meta_path.read_text())
-    model = build_model(meta["backbone"], len(meta["classes"]), weights=None)
+    mode = meta.get("image_mode", "RGB")
+    model = build_model(meta["backbone"], len(meta["classes"]), weights=None, image_mode=mode,
+                        gray_input=meta.get("gray_input", "sum"))
     model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    return model.eval(), meta, Normalize(tuple(meta["mean"]), tuple(meta["std"]))
+    return model.eval(), meta, Normalize.for_mode(tuple(meta["mean"]), tuple(meta["std"]), mode)
+
+
+def score_on_test(export_dir: Path, test: Split) -> float:
+    """Accuracy of the exported model on the test split, preprocessed as validation is, recorded
+    in the export's metrics. Called once, after the search: test never informs a choice."""
+    model, meta, norm = load_exported(export_dir)
+    x, y = eval_batch(test.images, meta["image_size"]), torch.from_numpy(test.labels)
+    _, acc = evaluate(model, x, y, norm, torch.device("cpu"))
+    add_metrics(export_dir, {M.TEST_ACC: acc})
+    return acc

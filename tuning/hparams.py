@@ -11,8 +11,9 @@ class HParams:
     head_lr_mult: float  # the head trains at lr * head_lr_mult
     freeze_depth: int  # stages frozen from the input side; num_stages = only the head trains
     batch_size: int
-    momentum: float = 0.9  # SGD, as the seeds' hymenoptera and hotdog recipes
-    weight_decay: float = 0.0
+    optimizer: str = "sgd"  # "sgd" (momentum, seeds 003/004) or "adam" (seeds 000/001)
+    momentum: float = 0.9  # SGD's, as the seeds' hymenoptera and hotdog recipes
+    weight_decay: float = 0.0  # L2 on every trained parameter, for either optimizer
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "HParams":

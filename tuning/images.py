@@ -69,8 +69,19 @@ def center_crop(array: np.ndarray, size: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Normalize:
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # one per input channel
+    std: tuple[float, ...]
+
+    @classmethod
+    def for_mode(cls, mean: tuple[float, ...], std: tuple[float, ...], mode: str = "RGB") -> "Normalize":
+        """The backbone's RGB statistics for images decoded in `mode`: as they are for "RGB"; for
+        "L" (one channel) their averages, what a gray pixel replicated to R = G = B sees on average
+        (exactly, for EfficientNet-Lite0's equal 0.5s)."""
+        if mode == "RGB":
+            return cls(tuple(mean), tuple(std))
+        if mode == "L":
+            return cls((sum(mean) / len(mean),), (sum(std) / len(std),))
+        raise ValueError(f"image mode {mode!r} is neither 'RGB' nor 'L'")
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=batch_uint8.device).view(1, -1, 1, 1)

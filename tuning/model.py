@@ -1,7 +1,16 @@
 """The fine-tuning network: a staged pretrained backbone and a fresh linear head.
 
 Stages are the unit of `freeze_depth`: the first k stages are frozen (no gradients, BatchNorm in
-eval mode, run under no_grad), the rest and the head train. The head trains at lr x head_lr_mult."""
+eval mode, run under no_grad), the rest and the head train. The head trains at lr x head_lr_mult.
+
+One-channel images (MNIST) need a network that takes one channel. `gray_input` says how:
+- "sum" (default): the first convolution's RGB kernels are summed into one. On a gray image
+  (R = G = B) it computes what the pretrained RGB convolution computes, so the pretrained filters are
+  kept (seed 001 replaced the layer with a random one and threw them away); it costs nothing, and
+  the decoded images stay one channel, a third of the memory.
+- "repeat": the gray channel is repeated three times in front of the unchanged network (seed 000's
+  `x.expand(3, -1, -1)`): the same function at initialisation, three times the first layer's work.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +19,8 @@ import torch
 from torch import nn
 
 from tuning.backbones import BACKBONES, load_pretrained
+
+GRAY_INPUTS = ("sum", "repeat")
 
 
 class FineTuneNet(nn.Module):
@@ -21,6 +32,7 @@ class FineTuneNet(nn.Module):
         nn.init.xavier_uniform_(self.head.weight)  # as seed 004
         nn.init.zeros_(self.head.bias)
         self.freeze_depth = 0
+        self.in_repeat = 1  # 3: a one-channel input is repeated to RGB (gray_input "repeat")
 
     def freeze(self, depth: int) -> "FineTuneNet":
         if not 0 <= depth <= len(self.stages):
@@ -44,6 +56,8 @@ class FineTuneNet(nn.Module):
         """The frozen prefix's output: what tuning.features caches and shares between trials.
         `start` > 0 continues from stage `start`'s input (a shallower cached prefix). Fully frozen,
         the parameter-free pooling belongs to the prefix too: 1280 values an image instead of 62720."""
+        if start == 0 and self.in_repeat > 1:
+            x = x.expand(-1, self.in_repeat, -1, -1)
         with torch.no_grad():
             for stage in self.stages[start : self.freeze_depth]:
                 x = stage(x)
@@ -69,12 +83,31 @@ class FineTuneNet(nn.Module):
 
 
 def build_model(
-    backbone_name: str, num_classes: int, weights: Path | None, freeze_depth: int = 0
+    backbone_name: str, num_classes: int, weights: Path | None, freeze_depth: int = 0,
+    *, image_mode: str = "RGB", gray_input: str = "sum",
 ) -> FineTuneNet:
-    """`weights=None` means random initialisation; callers only pass it for --no-pretrained."""
+    """`weights=None` means random initialisation; callers only pass it for --no-pretrained (and
+    the export, which loads its own state dict). `image_mode` "L" takes one-channel input, adapted
+    as `gray_input` says (see above)."""
+    if image_mode not in ("RGB", "L"):
+        raise ValueError(f"image_mode {image_mode!r} is neither 'RGB' nor 'L'")
+    if gray_input not in GRAY_INPUTS:
+        raise ValueError(f"gray_input {gray_input!r} is not one of {', '.join(GRAY_INPUTS)}")
     backbone = BACKBONES.get(backbone_name)
     net = backbone.build()
     if weights is not None:
         load_pretrained(backbone, net, weights)
+    if image_mode == "L" and gray_input == "sum":
+        sum_rgb_kernels(backbone.first_conv(net))
     stages, width = backbone.split(net)
-    return FineTuneNet(stages, width, num_classes).freeze(freeze_depth)
+    model = FineTuneNet(stages, width, num_classes)
+    if image_mode == "L" and gray_input == "repeat":
+        model.in_repeat = 3
+    return model.freeze(freeze_depth)
+
+
+def sum_rgb_kernels(conv: nn.Conv2d) -> None:
+    """Make `conv` take one channel, its kernel the sum of the RGB kernels, in place (so timm's
+    TF-"same"-padding convolution keeps its padding)."""
+    conv.weight = nn.Parameter(conv.weight.detach().sum(1, keepdim=True))
+    conv.in_channels = 1

@@ -11,7 +11,7 @@ import torch
 
 from tuning.errors import UsageError, exit_on_usage_error
 from tuning.export import load_exported
-from tuning.images import UndecodableImage, eval_tensor
+from tuning.images import UndecodableImage, center_crop, decode
 
 
 def predict(export_dir: Path, images: list[Path]) -> list[tuple[str, str, float]]:
@@ -19,7 +19,9 @@ def predict(export_dir: Path, images: list[Path]) -> list[tuple[str, str, float]
     rows = []
     for path in images:
         try:
-            x = eval_tensor(path, meta["image_size"], norm)
+            # validation's preprocessing (images.eval_tensor), in the export's image mode
+            array = decode(path, meta["resize"], meta.get("image_mode", "RGB"))
+            x = norm(center_crop(array, meta["image_size"]).unsqueeze(0))
         except UndecodableImage:
             raise UsageError(f"{path} is not a readable image") from None
         with torch.no_grad():

@@ -12,10 +12,11 @@ from pathlib import Path
 
 
 from experiments import EXPERIMENTS, Experiment
+from experiments.folder import folder_experiment
 from tuning import datasets, results, store
 from tuning.backbones import BACKBONES
 from tuning.errors import UsageError, exit_on_usage_error
-from tuning.export import export, find_best
+from tuning.export import export, find_best, score_on_test
 from tuning.images import resize_for
 from tuning.model import build_model
 from tuning.rundir import (
@@ -55,7 +56,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def configure(args: argparse.Namespace) -> tuple[Experiment, Placement]:
     if not args.experiment:
         raise UsageError(f"name an experiment: {', '.join(EXPERIMENTS.names())}")
-    experiment = EXPERIMENTS.get(args.experiment)
+    if args.experiment.startswith(datasets.FOLDER_PREFIX):
+        experiment = folder_experiment(args.experiment)
+    else:
+        experiment = EXPERIMENTS.get(args.experiment)
     overrides = dict(SMOKE) if args.smoke_test else {}
     explicit = {"samples": args.samples, "epochs": args.epochs, "backbone": args.backbone, "seed": args.seed}
     overrides.update({k: v for k, v in explicit.items() if v is not None})
@@ -89,7 +93,7 @@ def resolve_weights(experiment: Experiment, weights: Path | None) -> Path | None
 
 def load_data(experiment: Experiment, data_root: str | None) -> tuple[store.StoreHandle, datasets.Dataset]:
     """List the dataset, then decode it into the store unless this machine already has it."""
-    source = datasets.DATASETS.get(experiment.dataset)
+    source = datasets.create_source(experiment.dataset)
     listing = source.list(datasets.resolve_data_root(data_root), seed=experiment.seed, per_class=experiment.per_class)
     handle = store.build(listing, resize_for(experiment.image_size), experiment.image_mode)
     data = handle.open()
@@ -101,7 +105,7 @@ def load_data(experiment: Experiment, data_root: str | None) -> tuple[store.Stor
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     if args.list:
-        print("experiments:", ", ".join(EXPERIMENTS.names()))
+        print("experiments:", ", ".join(EXPERIMENTS.names()), f"(or {datasets.FOLDER_PREFIX}PATH, your own folder)")
         print("backbones:  ", ", ".join(BACKBONES.names()))
         return
     started = time.time()
@@ -127,14 +131,21 @@ def main(argv: list[str] | None = None) -> None:
         grid = tuner.fit()
         best = find_best(grid)
         export_dir = export(best, experiment, data.classes, location.local)
+        test = data.splits.get("test")
+        test_acc = score_on_test(export_dir, test) if test is not None else None
         location.push("best")
         table = results.write(location)
-    print_summary(grid, best, export_dir, table, location.uri, time.time() - started)
+    print_summary(grid, best, export_dir, table, location.uri, time.time() - started,
+                  (test_acc, len(test)) if test is not None else None)
 
 
-def print_summary(grid, best, export_dir: Path, table: str, run_dir: str, wall_s: float) -> None:
+def print_summary(
+    grid, best, export_dir: Path, table: str, run_dir: str, wall_s: float, test: tuple[float, int] | None = None
+) -> None:
     print(f"\nbest hyperparameters: {json.dumps(best.config)}")
     print(f"best val_acc: {best.metrics['val_acc']:.4f} (epoch {best.metrics['epoch']}, trial {best.trial_id})")
+    if test is not None:
+        print(f"test_acc: {test[0]:.4f} ({test[1]} test images, scored once after the search)")
     print(f"trials: {len(grid)}, errored: {len(grid.errors)}, wall-clock: {wall_s:.0f} s")
     for result in grid:
         if result.error is not None:

@@ -92,7 +92,7 @@ def feature_cache(
     identity = {
         "store": handle.key, "backbone": experiment.backbone, "weights": store.file_digest(weights),
         "image_size": experiment.image_size, "image_mode": experiment.image_mode,
-        "gray_input": getattr(experiment, "gray_input", None), "crop_scale": list(experiment.crop_scale),
+        "gray_input": experiment.gray_input, "crop_scale": list(experiment.crop_scale),
         "hflip": experiment.hflip, "seed": experiment.seed,
     }
     return features.FeatureCache(features.namespace(**identity), int(placement.feature_cache_gb * 2**30))

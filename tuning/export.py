@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ray.tune import ResultGrid
 
 from experiments.base import Experiment
 from trainables.finetune import evaluate, load_state
+from trainables.inputs import Feed
 from tuning import metrics as M
 from tuning.backbones import BACKBONES
 from tuning.datasets import Split
@@ -130,7 +132,8 @@ def score_on_test(export_dir: Path, test: Split) -> float:
     """Accuracy of the exported model on the test split, preprocessed as validation is, recorded
     in the export's metrics. Called once, after the search: test never informs a choice."""
     model, meta, norm = load_exported(export_dir)
-    x, y = eval_batch(test.images, meta["image_size"]), torch.from_numpy(test.labels)
-    _, acc = evaluate(model, x, y, norm, torch.device("cpu"))
+    x = eval_batch(test.images, meta["image_size"])
+    feed = Feed(torch.from_numpy(np.asarray(test.labels)), lambda idx: model.frozen_features(norm(x[list(idx)])), False)
+    _, acc = evaluate(model, feed)
     add_metrics(export_dir, {M.TEST_ACC: acc})
     return acc

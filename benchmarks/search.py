@@ -112,6 +112,7 @@ def main() -> None:
         return tutorial_arm(args)
 
     work = Path(args.storage or tempfile.mkdtemp(prefix="tuning-bench-search-"))
+    work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "TUNING_CACHE_DIR": str(work / "cache")}  # ours starts cold: decoding and features are timed
     commands = {

@@ -79,3 +79,14 @@ def test_search_space_suggests_within_bounds():
         assert 1e-5 <= p["lr"] <= 3e-2 and 1 <= p["head_lr_mult"] <= 100
         assert 0 <= p["freeze_depth"] <= 5 and p["batch_size"] in (8, 16, 32, 64)
         study.tell(trial, 0.5)
+
+
+def test_trials_ran_side_by_side(finished_run):
+    """OptunaSearch once kept a single trial pending (field notes): two slots must both be busy.
+    Each trial's span runs from its first epoch's start to its last report."""
+    spans = []
+    for d in trial_dirs(finished_run):
+        rows = progress(d)
+        spans.append((rows["timestamp"].iloc[0] - rows["time_this_iter_s"].iloc[0], rows["timestamp"].iloc[-1]))
+    overlaps = [min(a[1], b[1]) - max(a[0], b[0]) for i, a in enumerate(spans) for b in spans[i + 1 :]]
+    assert max(overlaps) > 0, spans

@@ -21,7 +21,7 @@ def data_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["nosuch"], "unknown experiment 'nosuch'; valid: hymenoptera"),
+    (["nosuch"], "unknown experiment 'nosuch'; valid: hotdog, hymenoptera, mnist, pokemon"),
     (["hymenoptera", "--backbone", "vgg"], "unknown backbone 'vgg'; valid: efficientnet_lite0"),
     (["hymenoptera", "--samples", "0"], "--samples must be a positive integer"),
     (["hymenoptera", "--epochs", "-1"], "--epochs must be a positive integer"),

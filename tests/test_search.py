@@ -76,7 +76,8 @@ def test_search_space_suggests_within_bounds():
         trial = study.ask()
         space(trial, num_stages=5)
         p = trial.params
-        assert 1e-5 <= p["lr"] <= 3e-2 and 1 <= p["head_lr_mult"] <= 100
+        low, high = (1e-5, 3e-2) if p["optimizer"] == "sgd" else (1e-6, 3e-3)
+        assert low <= p["lr"] <= high and 1 <= p["head_lr_mult"] <= 100
         assert 0 <= p["freeze_depth"] <= 5 and p["batch_size"] in (8, 16, 32, 64)
         study.tell(trial, 0.5)
 

@@ -62,9 +62,16 @@ class TrialInputs:
     def val(self) -> Feed:
         return self._feed("val", self.val_y, lambda idx: self._input(self.val_x[list(idx)]))
 
+    def _worth_caching(self) -> bool:
+        """A prefix whose output is larger than its input (EfficientNet's stem and first block, at
+        2.7x and 1.3x) saves a few percent of the compute for more memory traffic than it saves."""
+        size = self.val_x.shape[1:]
+        probe = self.model.frozen_features(self._input(torch.zeros(1, *size, dtype=torch.uint8)))
+        return probe.numel() <= size.numel()
+
     def _feed(self, view: str, labels: torch.Tensor, raw: Callable[[Sequence[int]], torch.Tensor]) -> Feed:
         model, depth = self.model, self.model.freeze_depth
-        if depth > 0 and self.cache is not None:
+        if depth > 0 and self.cache is not None and self._worth_caching():
             features = self.cache.get(model, depth, view, len(labels), raw)
             if features is not None:
                 if self.device.type == "cuda":  # one copy per epoch, then batches never leave the GPU

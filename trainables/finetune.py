@@ -23,7 +23,7 @@ from ray import tune
 from torch import nn
 
 from experiments.base import Experiment
-from trainables.inputs import Feed, TrialData, TrialInputs
+from trainables.inputs import Feed, TrialData, TrialInputs, forward_batch_size
 from tuning import metrics as M
 from tuning.backbones import BACKBONES
 from tuning.hparams import HParams
@@ -132,10 +132,11 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: FineTuneNet, feed: Feed, batch_size: int = 64) -> tuple[float, float]:
+def evaluate(model: FineTuneNet, feed: Feed, batch_size: int | None = None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over a split's eval crops."""
     model.eval()
     device = feed.labels.device
+    batch_size = batch_size or forward_batch_size(device)
     loss_sum, correct = 0.0, 0
     for i in range(0, len(feed), batch_size):
         idx = list(range(i, min(len(feed), i + batch_size)))

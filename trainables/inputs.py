@@ -16,6 +16,13 @@ from tuning.model import FineTuneNet
 from tuning.store import StoreHandle
 
 
+def forward_batch_size(device: torch.device) -> int:
+    """Images per forward pass without gradients (validation, filling the cache). On CPU, 16
+    beats 64 by about 1.5x (EfficientNet-Lite0, 224 px, 2 threads: 29 vs 19 img/s, cache locality);
+    a GPU wants large batches."""
+    return 256 if device.type == "cuda" else 16
+
+
 @dataclass(frozen=True)
 class TrialData:
     """Handed to every trial through `tune.with_parameters`: small, no pixels in it."""
@@ -72,7 +79,7 @@ class TrialInputs:
     def _feed(self, view: str, labels: torch.Tensor, raw: Callable[[Sequence[int]], torch.Tensor]) -> Feed:
         model, depth = self.model, self.model.freeze_depth
         if depth > 0 and self.cache is not None and self._worth_caching():
-            features = self.cache.get(model, depth, view, len(labels), raw)
+            features = self.cache.get(model, depth, view, len(labels), raw, forward_batch_size(self.device))
             if features is not None:
                 if self.device.type == "cuda":  # one copy per epoch, then batches never leave the GPU
                     resident = torch.from_numpy(np.ascontiguousarray(features)).to(self.device)

@@ -53,7 +53,7 @@ class FeatureCache:
         return self.base / self.namespace / f"d{depth}-{view}.npy"
 
     def get(
-        self, model: torch.nn.Module, depth: int, view: str, count: int, inputs: Inputs, batch_size: int = 64
+        self, model: torch.nn.Module, depth: int, view: str, count: int, inputs: Inputs, batch_size: int = 16
     ) -> np.ndarray | None:
         """The depth-`depth` features of `count` images (memory-mapped, read-only), or None when
         they cannot fit under the limit."""

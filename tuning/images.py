@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-# Decoded images are shared read-only through Ray's object store; nothing here writes to them.
+# Decoded images are read-only views of the memory-mapped store (tuning.store); nothing here writes to them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}

@@ -29,9 +29,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def tree_pss_bytes(root: int) -> int:
-    """Proportional set size of a process tree: shared pages (the mapped store, torch's libraries)
-    are split between the processes that map them instead of being counted once per process."""
+def tree_pss(root: int) -> dict[str, int]:
+    """Proportional set size of each process in a tree, by process (`pid name`): shared pages (the
+    mapped store, torch's libraries) are split between the processes that map them instead of
+    being counted once per process."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -41,27 +42,31 @@ def tree_pss_bytes(root: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root]
+    found, stack = {}, [root]
     while stack:
         pid = stack.pop()
         stack += children.get(pid, [])
         try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read().replace(b"\0", b" ").decode(errors="replace")[:60].strip()
             with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+                found[f"{pid} {name}"] = sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
         except OSError:
             continue
-    return total
+    return found
 
 
 def run_arm(cmd: list[str], env: dict[str, str], log: Path) -> dict:
-    peak = [0]
+    peak: list = [0, {}]  # total, and the processes at that moment
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
         def sample() -> None:
             while proc.poll() is None:
-                peak[0] = max(peak[0], tree_pss_bytes(proc.pid))
+                sample = tree_pss(proc.pid)
+                if sum(sample.values()) > peak[0]:
+                    peak[:] = [sum(sample.values()), sample]
                 time.sleep(1.0)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -73,7 +78,9 @@ def run_arm(cmd: list[str], env: dict[str, str], log: Path) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
     best = float(re.findall(r"best val_acc: ([0-9.]+)", text)[-1])
-    return {"wall_s": wall, "peak_pss_gb": peak[0] / 2**30, "best_val_acc": best, "log": str(log)}
+    top = sorted(peak[1].items(), key=lambda kv: -kv[1])[:8]
+    return {"wall_s": wall, "peak_pss_gb": peak[0] / 2**30, "best_val_acc": best, "log": str(log),
+            "peak_by_process_gb": {k: round(v / 2**30, 3) for k, v in top}}
 
 
 def tutorial_arm(args: argparse.Namespace) -> None:

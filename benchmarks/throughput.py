@@ -4,8 +4,8 @@ Ours: images decoded once into the memory-mapped store, fixed views cropped from
 the frozen prefix read from the feature cache (trainables.inputs + trainables.finetune). Two
 numbers: "cold", the first trial at a depth, which computes the cache entry inside its epoch; and
 "shared", every later trial at that depth in that epoch, which reads it. Seeds: torchvision
-ImageFolder + DataLoader decoding JPEGs every epoch, full forward pass, the same model, batch size,
-freeze depth and threads.
+ImageFolder + DataLoader decoding JPEGs every epoch, full forward pass, the same model (in PyTorch's
+default NCHW layout, as the seeds run it; ours runs channels_last), batch size, freeze depth and threads.
 
     python benchmarks/throughput.py --data-root ../shared/datasets [--threads 2] [--epochs 1]
 
@@ -97,7 +97,7 @@ def main() -> None:
             train_one_epoch(model, build_optimizer(model, hp), feed, hp.batch_size)
             ours[phase] = len(train) / (time.perf_counter() - start)
         torch.manual_seed(0)
-        model = build_model(experiment.backbone, len(data.classes), weights, depth)
+        model = build_model(experiment.backbone, len(data.classes), weights, depth, channels_last=False)  # as the seeds
         warm_up(model, hp.batch_size, size)
         seeds = seeds_epoch(model, folder, hp, size, spec.mean, spec.std)
         rows.append({"freeze_depth": depth, "ours_cold_img_s": ours["cold"], "ours_shared_img_s": ours["shared"],

@@ -3,7 +3,8 @@
 What the tutorials do, per trial: torchvision ImageFolder + DataLoader that opens and decodes every
 JPEG every epoch, RandomResizedCrop + flip on PIL images, a full forward pass every step (frozen
 stages included), validation the same way. The network, optimizer, schedule, metrics and
-checkpoints are ours, so the two arms differ only in how the data reaches the model.
+checkpoints are ours, so the two arms differ only in how the data reaches the model and in the
+network's memory layout (the seeds' default NCHW here; ours runs channels_last).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def tutorial(config: dict[str, Any], *, experiment: Experiment, folder: str, wei
                                         batch_size=hp.batch_size, shuffle=True, drop_last=True)
     val = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(f"{folder}/val", val_tf, loader=rgb),
                                       batch_size=64)
-    model = build_model(experiment.backbone, 2, Path(weights), hp.freeze_depth).to(device)
+    # the seeds' layout: PyTorch's default NCHW (ours runs channels_last, tuning.model)
+    model = build_model(experiment.backbone, 2, Path(weights), hp.freeze_depth, channels_last=False).to(device)
     optimizer = build_optimizer(model, hp)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=experiment.epochs)
     loss_fn = nn.CrossEntropyLoss()

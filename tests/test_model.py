@@ -89,6 +89,24 @@ def test_head_is_fresh_and_sized_to_the_classes(lite0_weights):
     assert torch.count_nonzero(model.head.bias) == 0
 
 
+def test_the_network_runs_channels_last_and_computes_what_nchw_computes(lite0_weights):
+    """channels_last is a layout, not another function: the NCHW network (the seeds' layout) gives
+    the same logits up to float rounding, and NCHW inputs (the feature cache's arrays) are taken."""
+    torch.manual_seed(0)
+    nhwc = build_model(LITE0, 2, lite0_weights, freeze_depth=4).eval()
+    torch.manual_seed(0)
+    nchw = build_model(LITE0, 2, lite0_weights, freeze_depth=4, channels_last=False).eval()
+    assert nhwc.stages[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not nchw.stages[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = nhwc.frozen_features(x)
+        assert features.is_contiguous(memory_format=torch.channels_last)
+        logits = nhwc.trainable_forward(features.contiguous())  # as read back from the cache
+        torch.testing.assert_close(logits, nchw(x), rtol=1e-4, atol=1e-4)
+        assert torch.equal(logits, nhwc(x))
+
+
 def test_resnet_loads_an_explicit_state_dict(tmp_path):
     reference = torchvision.models.resnet18()
     path = tmp_path / "r18.pth"

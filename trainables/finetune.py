@@ -44,9 +44,7 @@ def finetune(config: dict[str, Any], *, experiment: Experiment, data: TrialData,
     model = build_model(
         experiment.backbone, len(dataset.classes), Path(weights) if weights else None, hp.freeze_depth,
         image_mode=experiment.image_mode, gray_input=experiment.gray_input,
-    ).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    ).to(device)  # channels_last, as build_model makes it
     optimizer = build_optimizer(model, hp)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=experiment.epochs)
     start = restore(model, optimizer, schedule)

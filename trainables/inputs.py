@@ -58,8 +58,7 @@ class TrialInputs:
         self.train_y = torch.from_numpy(np.asarray(self.train_split.labels)).to(device)
 
     def _input(self, uint8: torch.Tensor) -> torch.Tensor:
-        x = self.norm(uint8.to(self.device, non_blocking=True))
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return self.norm(uint8.to(self.device, non_blocking=True))  # the model converts to its layout
 
     def train(self, epoch: int) -> Feed:
         images = self.train_split.images

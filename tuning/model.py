@@ -33,6 +33,14 @@ class FineTuneNet(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.freeze_depth = 0
         self.in_repeat = 1  # 3: a one-channel input is repeated to RGB (gray_input "repeat")
+        self.memory_format = torch.contiguous_format
+
+    def channels_last(self) -> "FineTuneNet":
+        self.memory_format = torch.channels_last
+        return self.to(memory_format=torch.channels_last)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def freeze(self, depth: int) -> "FineTuneNet":
         if not 0 <= depth <= len(self.stages):
@@ -58,13 +66,14 @@ class FineTuneNet(nn.Module):
         the parameter-free pooling belongs to the prefix too: 1280 values an image instead of 62720."""
         if start == 0 and self.in_repeat > 1:
             x = x.expand(-1, self.in_repeat, -1, -1)
+        x = self._layout(x)
         with torch.no_grad():
             for stage in self.stages[start : self.freeze_depth]:
                 x = stage(x)
             return self.pool(x) if self.fully_frozen else x
 
     def trainable_forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = features
+        x = self._layout(features)
         for stage in self.stages[self.freeze_depth :]:
             x = stage(x)
         return self.head(x if self.fully_frozen else self.pool(x))
@@ -84,11 +93,12 @@ class FineTuneNet(nn.Module):
 
 def build_model(
     backbone_name: str, num_classes: int, weights: Path | None, freeze_depth: int = 0,
-    *, image_mode: str = "RGB", gray_input: str = "sum",
+    *, image_mode: str = "RGB", gray_input: str = "sum", channels_last: bool = True,
 ) -> FineTuneNet:
     """`weights=None` means random initialisation; callers only pass it for --no-pretrained (and
     the export, which loads its own state dict). `image_mode` "L" takes one-channel input, adapted
-    as `gray_input` says (see above)."""
+    as `gray_input` says (see above). `channels_last=False` keeps PyTorch's default NCHW layout
+    (the seeds' loop in benchmarks/)."""
     if image_mode not in ("RGB", "L"):
         raise ValueError(f"image_mode {image_mode!r} is neither 'RGB' nor 'L'")
     if gray_input not in GRAY_INPUTS:
@@ -103,7 +113,8 @@ def build_model(
     model = FineTuneNet(stages, width, num_classes)
     if image_mode == "L" and gray_input == "repeat":
         model.in_repeat = 3
-    return model.freeze(freeze_depth)
+    model.freeze(freeze_depth)
+    return model.channels_last() if channels_last else model
 
 
 def sum_rgb_kernels(conv: nn.Conv2d) -> None:

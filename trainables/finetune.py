@@ -8,9 +8,12 @@ epoch: train, validate, report metrics and a checkpoint; a restarted trial resum
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import zlib
@@ -37,6 +40,13 @@ Fault = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def finetune(config: dict[str, Any], *, experiment: Experiment, data: TrialData, weights: str | None) -> None:
+    try:
+        fit(config, experiment, data, weights)
+    finally:  # completed, diverged, raised, or stopped by ASHA (SystemExit from tune.report)
+        release_memory()
+
+
+def fit(config: dict[str, Any], experiment: Experiment, data: TrialData, weights: str | None) -> None:
     hp = HParams.from_config(config)
     device = select_device()
     dataset = data.store.open()
@@ -71,6 +81,31 @@ def finetune(config: dict[str, Any], *, experiment: Experiment, data: TrialData,
             M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, M.TRAIN_LOSS: train_loss,
             M.EPOCH: epoch + 1, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node,
         })
+        release_memory()
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)  # glibc only
+    except OSError:
+        return None
+
+
+MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_memory() -> None:
+    """Hand the heap that an epoch or a trial freed back to the OS. Ray reuses a trial's worker
+    for the next trial and runs each in a new thread, and glibc keeps freed memory in its arenas:
+    in the 32-sample hymenoptera search the two reused workers held 12.2 and 8.8 GB while one
+    full fine-tune step (batch 64, 224 px) needs 5.8 GB at its peak. After a trim, a worker holds
+    about 1 GB between trials (measured with the same sequence of trial shapes in one process:
+    2.5 GB without). The price is re-faulting those pages on the next step (a few % of an epoch)."""
+    gc.collect()
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
 
 
 def select_device() -> torch.device:

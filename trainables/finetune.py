@@ -51,6 +51,10 @@ def fit(config: dict[str, Any], experiment: Experiment, data: TrialData, weights
     device = select_device()
     dataset = data.store.open()
     spec = BACKBONES.get(experiment.backbone)
+    # from the configuration, not Ray's random trial id: the same --seed trains the same way. Seeded
+    # before the fresh head is drawn: a reused worker's RNG state depends on the trials it ran before.
+    trial_seed = experiment.seed + zlib.crc32(json.dumps(config, sort_keys=True).encode())
+    torch.manual_seed(trial_seed)
     model = build_model(
         experiment.backbone, len(dataset.classes), Path(weights) if weights else None, hp.freeze_depth,
         image_mode=experiment.image_mode, gray_input=experiment.gray_input,
@@ -63,8 +67,6 @@ def fit(config: dict[str, Any], experiment: Experiment, data: TrialData, weights
     inputs = TrialInputs(dataset, experiment, model, norm, data.cache, device)
     val = inputs.val()
     fault = fault_injector(config)
-    # from the configuration, not Ray's random trial id: the same --seed trains the same way
-    trial_seed = experiment.seed + zlib.crc32(json.dumps(config, sort_keys=True).encode())
     node = ray.get_runtime_context().get_node_id()
     for epoch in range(start, experiment.epochs):
         torch.manual_seed(trial_seed + epoch)

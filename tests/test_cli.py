@@ -30,6 +30,8 @@ def data_root(tmp_path_factory):
     (["hymenoptera", "--cpus-per-trial", "512"], "--cpus-per-trial 512 must be in"),
     (["hymenoptera", "--weights", "/no/such.pth"], "weights file /no/such.pth not found"),
     (["hymenoptera", "--max-failures", "-1"], "--max-failures must not be negative"),
+    (["hymenoptera", "--memory-gb", "0"], "--memory-gb must be positive, got 0"),
+    (["hymenoptera", "--memory-gb", "8", "--address", "auto"], "--memory-gb sizes a Ray started here"),
     (["hymenoptera", "--resume"], "nothing to resume"),
     (["hymenoptera", "--storage", "bogus://x/y"], "--storage bogus://x/y"),
     ([], "name an experiment"),

@@ -44,6 +44,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, fractions allowed (default 1)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions pack trials on one GPU (default 0)")
     p.add_argument("--feature-cache-gb", type=float, default=4.0, help="disk for frozen-layer features shared by trials, per machine (default 4; 0 = off)")
+    p.add_argument("--memory-gb", type=float, help="RAM that trials may take together on this machine; each asks for what its batch size and freeze depth need (default: Ray's, 70%% of free memory)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a trial that raised, from its last checkpoint (default 2)")
     p.add_argument("--seed", type=int, help="seed of the Optuna sampler and of training (default 0)")
     p.add_argument("--smoke-test", action="store_true", help="tiny run: 2 samples, 2 epochs, 64 px, 8 images per class")
@@ -74,10 +75,14 @@ def configure(args: argparse.Namespace) -> tuple[Experiment, Placement]:
         raise UsageError("--max-failures must not be negative")
     if args.feature_cache_gb < 0:
         raise UsageError("--feature-cache-gb must not be negative")
+    if args.memory_gb is not None and args.memory_gb <= 0:
+        raise UsageError(f"--memory-gb must be positive, got {args.memory_gb:g}")
+    if args.memory_gb is not None and args.address:
+        raise UsageError("--memory-gb sizes a Ray started here; on a cluster, start each node with `ray start --memory BYTES`")
     placement = Placement(
         storage=args.storage, name=args.name, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures, verbose=args.verbose,
-        feature_cache_gb=args.feature_cache_gb,
+        feature_cache_gb=args.feature_cache_gb, memory_gb=args.memory_gb,
     )
     return experiment, placement
 
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             check_same_experiment(location.local, experiment)
         weights = resolve_weights(experiment, args.weights)
         handle, data = load_data(experiment, args.data_root)
-        start_ray(args.address, args.dashboard, args.verbose)
+        start_ray(args.address, args.dashboard, args.verbose, placement.memory_gb)
         check_resources(placement)
         trainable = make_trainable(experiment, placement, handle, weights)
         if args.resume:

@@ -6,9 +6,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ray
 from ray import tune
+from ray.tune.execution.placement_groups import PlacementGroupFactory, resource_dict_to_pg_factory
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -18,7 +20,7 @@ from experiments.base import Experiment
 from search_spaces import SEARCH_SPACES
 from trainables.finetune import finetune
 from trainables.inputs import TrialData
-from tuning import features, store
+from tuning import features, footprint, store
 from tuning import metrics as M
 from tuning.backbones import BACKBONES
 from tuning.errors import UsageError
@@ -40,17 +42,21 @@ class Placement:
     gpus_per_trial: float = 0.0
     max_failures: int = 2  # retries of a trial that raised, from its last checkpoint
     feature_cache_gb: float = 4.0  # disk for shared frozen-prefix features, per machine; 0 = off
+    memory_gb: float | None = None  # RAM for trials in a Ray started here (None: Ray's default, 70% of free)
     verbose: bool = False  # Ray's own progress tables instead of our status line
 
     def location(self, experiment: Experiment) -> RunLocation:
         return RunLocation(self.storage, self.name or experiment.name)
 
 
-def start_ray(address: str | None = None, dashboard: bool = False, verbose: bool = False) -> None:
+def start_ray(
+    address: str | None = None, dashboard: bool = False, verbose: bool = False, memory_gb: float | None = None
+) -> None:
     """Join the cluster at `address` (`auto`, `HOST:PORT` or `ray://HOST:PORT`), else start a local
     single-node Ray, unless one is already up (tests). The dashboard stays off unless asked for,
     and then listens on 127.0.0.1 only. Workers' log lines reach the console only with --verbose:
-    errors are kept in each trial's error.txt and listed in the summary."""
+    errors are kept in each trial's error.txt and listed in the summary. `memory_gb` is the memory
+    Ray lets trials take together (tuning.footprint); a cluster's nodes state their own."""
     if ray.is_initialized():
         return
     if address:
@@ -59,8 +65,9 @@ def start_ray(address: str | None = None, dashboard: bool = False, verbose: bool
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UsageError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
         return
+    memory = {"_memory": int(memory_gb * footprint.GIB)} if memory_gb is not None else {}
     ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
-             log_to_driver=verbose)
+             log_to_driver=verbose, **memory)
 
 
 def check_resources(placement: Placement) -> int:
@@ -101,14 +108,33 @@ def feature_cache(
 def make_trainable(
     experiment: Experiment, placement: Placement, handle: store.StoreHandle, weights: Path | None
 ) -> tune.Trainable:
-    multi_node = len([n for n in ray.nodes() if n.get("Alive")]) > 1
-    data = TrialData(store.share(handle, multi_node), feature_cache(experiment, placement, handle, weights))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    data = TrialData(store.share(handle, len(nodes) > 1), feature_cache(experiment, placement, handle, weights))
+    need = footprint.measure(experiment.backbone, experiment.image_size, experiment.image_mode, experiment.gray_input)
+    largest_node = max(n.get("Resources", {}).get("memory", 0.0) for n in nodes)
     return tune.with_resources(
         tune.with_parameters(
             finetune, experiment=experiment, data=data, weights=str(weights) if weights else None
         ),
-        {"cpu": placement.cpus_per_trial, "gpu": placement.gpus_per_trial},
+        trial_resources(placement, need, largest_node),
     )
+
+
+def trial_resources(
+    placement: Placement, need: footprint.Footprint, largest_node: float
+) -> Callable[[dict], PlacementGroupFactory]:
+    """Each trial asks for the memory its batch size and freeze depth need, so two full fine-tunes
+    at batch 64 (about 6 GB each at 224 px) do not run side by side where that does not fit, while
+    a frozen trial still can beside one. A trial larger than any node runs alone on the largest."""
+    on_gpu = placement.gpus_per_trial > 0
+
+    def resources(config: dict) -> PlacementGroupFactory:
+        memory = need.trial_bytes(int(config["batch_size"]), int(config["freeze_depth"]), on_gpu)
+        return resource_dict_to_pg_factory(
+            {"cpu": placement.cpus_per_trial, "gpu": placement.gpus_per_trial, "memory": min(memory, largest_node)}
+        )
+
+    return resources
 
 
 def make_searcher(experiment: Experiment) -> OptunaSearch:

@@ -83,6 +83,12 @@ def run_arm(cmd: list[str], env: dict[str, str], log: Path) -> dict:
             "peak_by_process_gb": {k: round(v / 2**30, 3) for k, v in top}}
 
 
+def commit() -> str:
+    """The code measured: a result without it cannot be compared with a later one."""
+    out = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def tutorial_arm(args: argparse.Namespace) -> None:
     """Child process: the tutorial-style trainable through our Tuner."""
     import dataclasses
@@ -139,7 +145,8 @@ def main() -> None:
         r = results[arm]
         print(f"{arm:>9}: {r['wall_s']:8.0f} s   best val_acc {r['best_val_acc']:.4f}   peak memory {r['peak_pss_gb']:.2f} GB",
               flush=True)
-    summary = {"experiment": args.experiment, "samples": args.samples, "seed": args.seed, "cpus": os.cpu_count(),
+    summary = {"commit": commit(), "experiment": args.experiment, "samples": args.samples, "seed": args.seed,
+               "cpus": os.cpu_count(),
                "arms": results}
     if {"ours", "tutorial"} <= results.keys():
         summary["speedup"] = results["tutorial"]["wall_s"] / results["ours"]["wall_s"]

@@ -34,6 +34,8 @@ from tuning.hparams import HParams
 from tuning.images import Normalize, resize_for
 from tuning.model import build_model
 
+from search import commit  # benchmarks/search.py: this script runs from benchmarks/
+
 
 def seeds_epoch(model: nn.Module, folder: Path, hp: HParams, size: int, mean, std) -> float:
     """The tutorial's loop: ImageFolder + DataLoader, decode and transform every image every epoch."""
@@ -105,7 +107,7 @@ def main() -> None:
         print(f"freeze_depth {depth:>2}: ours cold {ours['cold']:7.2f} img/s  shared {ours['shared']:8.2f} img/s   "
               f"seeds {seeds:6.2f} img/s   ratio cold {ours['cold'] / seeds:5.2f}  shared {ours['shared'] / seeds:6.2f}",
               flush=True)
-    result = {"backbone": experiment.backbone, "image_size": size, "threads": args.threads, "torch": torch.__version__,
+    result = {"commit": commit(), "backbone": experiment.backbone, "image_size": size, "threads": args.threads, "torch": torch.__version__,
               "batch_size": args.batch_size, "train_images": len(train),
               "decode_once_s": decode_s, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

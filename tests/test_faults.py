@@ -15,7 +15,7 @@ import pytest
 
 from experiments import EXPERIMENTS
 from tests.conftest import make_image_folder, trial_dirs
-from trainables.finetune import FAULT_ENV
+from trainables.finetune import FAULT_DIR_ENV, FAULT_ENV
 from tuning import metrics as M
 from tuning.search import make_searcher
 
@@ -29,7 +29,7 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def run(data_root: Path, storage: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, FAULT_ENV: fault}
+    env = {**os.environ, FAULT_ENV: fault, FAULT_DIR_ENV: str(storage / "faults")}
     cmd = [sys.executable, "-m", "tuning.run", "hymenoptera", "--smoke-test", "--data-root", str(data_root),
            "--storage", str(storage), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -54,7 +54,8 @@ def test_a_raising_trial_is_retried_from_its_checkpoint(data_root, tmp_path):
     assert second_epoch, "no trial reached epoch 2"
     for d in second_epoch:
         # it raised in epoch 2, was retried, resumed from its epoch-1 checkpoint: epoch 1 ran once
-        assert failures[d.name.removeprefix("trial_")] == 1
+        errors = (d / "error.txt").read_text() if (d / "error.txt").exists() else "no error.txt"
+        assert failures[d.name.removeprefix("trial_")] == 1, errors[-3000:]
         assert epochs(d) == [1, 2]
 
 

@@ -35,6 +35,7 @@ from tuning.model import FineTuneNet, build_model
 
 CHECKPOINT_FILE = "state.pt"
 FAULT_ENV = "TUNING_TEST_FAULT"
+FAULT_DIR_ENV = "TUNING_TEST_FAULT_DIR"  # where `raise@E` remembers which trials it already hit
 
 Fault = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -210,7 +211,10 @@ def fault_injector(config: dict[str, Any]) -> Fault | None:
     """Test-only hook, read once per trial from $TUNING_TEST_FAULT = KIND[,PARAM=VALUE]: `nan` makes
     every loss NaN; `raise@E` raises in epoch E on a trial's first attempt only (a retry can
     succeed); `raise-always@E` raises in epoch E on every attempt. With `,PARAM=VALUE` only trials
-    whose hyperparameter PARAM has that value are hit."""
+    whose hyperparameter PARAM has that value are hit. The first-attempt marker is keyed by trial id
+    in $TUNING_TEST_FAULT_DIR, not in get_trial_dir(): Ray 2.60 gives a trial a different dir
+    when its retry lands on a reused actor (working_dirs/ instead of driver_artifacts/), so a
+    marker there was missed and the retry raised again."""
     spec, _, condition = os.environ.get(FAULT_ENV, "").partition(",")
     if not spec:
         return None
@@ -221,7 +225,9 @@ def fault_injector(config: dict[str, Any]) -> Fault | None:
     if spec == "nan":
         return lambda loss, epoch: loss * float("nan")
     kind, _, at = spec.partition("@")
-    marker = Path(tune.get_context().get_trial_dir()) / ".fault_injected"
+    marker_dir = Path(os.environ.get(FAULT_DIR_ENV) or Path(tempfile.gettempdir()) / "tuning-faults")
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    marker = marker_dir / f"{tune.get_context().get_trial_id()}.raised"
 
     def inject(loss: torch.Tensor, epoch: int) -> torch.Tensor:
         if kind in ("raise", "raise-always") and epoch == int(at):

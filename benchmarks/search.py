@@ -1,13 +1,13 @@
 """The whole search, ours against a tutorial-style trainable, in one invocation.
 
 Both arms run the same experiment (same seed, search space, ASHA settings, samples, CPUs per trial)
-through the same Tuner (`tuning.search.build_tuner`); only the trainable differs:
+through the same Tuner (`tuning.app.search.build_tuner`); only the trainable differs:
 - ours: `python -m tuning.run EXPERIMENT` itself (decode-once store, shared frozen features, export),
   started with an empty cache dir, so decoding and every feature computation are in its time;
 - tutorial: torchvision ImageFolder + DataLoader decoding the JPEGs every epoch, a full forward
   pass every step, no caches: the seeds' loop inside a Ray Tune trainable.
 
-    python benchmarks/search.py --data-root ../shared/datasets [--samples 32] [--arms ours,tutorial]
+    python -m benchmarks.search --data-root ../shared/datasets [--samples 32] [--arms ours,tutorial]
 
 Each arm is a child process; its wall-clock and peak memory (the sum of PSS over the process and
 all its descendants, Ray's workers included, sampled every second) are measured from outside.
@@ -95,7 +95,7 @@ def tutorial_arm(args: argparse.Namespace) -> None:
 
     from benchmarks.tutorial_trainable import make_tutorial_trainable
     from experiments import EXPERIMENTS
-    from tuning.search import Placement, build_tuner, start_ray
+    from tuning.app.search import Placement, build_tuner, start_ray
 
     experiment = dataclasses.replace(EXPERIMENTS.get(args.experiment), samples=args.samples, seed=args.seed)
     if args.epochs:
@@ -131,7 +131,7 @@ def main() -> None:
     commands = {
         "ours": [sys.executable, "-m", "tuning.run", args.experiment, "--samples", str(args.samples),
                  "--seed", str(args.seed), "--data-root", str(args.data_root), "--storage", str(work), "--name", "ours"],
-        "tutorial": [sys.executable, str(Path(__file__).resolve()), "--arm", "tutorial", "--experiment", args.experiment,
+        "tutorial": [sys.executable, "-m", "benchmarks.search", "--arm", "tutorial", "--experiment", args.experiment,
                      "--samples", str(args.samples), "--seed", str(args.seed), "--data-root", str(args.data_root),
                      "--storage", str(work)],
     }

@@ -7,7 +7,7 @@ numbers: "cold", the first trial at a depth, which computes the cache entry insi
 ImageFolder + DataLoader decoding JPEGs every epoch, full forward pass, the same model (in PyTorch's
 default NCHW layout, as the seeds run it; ours runs channels_last), batch size, freeze depth and threads.
 
-    python benchmarks/throughput.py --data-root ../shared/datasets [--threads 2] [--epochs 1]
+    python -m benchmarks.throughput --data-root ../shared/datasets [--threads 2] [--epochs 1]
 
 Prints a table and writes benchmarks/results/throughput.json.
 """
@@ -23,18 +23,17 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
+from benchmarks.search import commit
 from experiments import EXPERIMENTS
 from trainables.finetune import build_optimizer, train_one_epoch
 from trainables.inputs import TrialInputs
-from tuning import store
-from tuning.backbones import BACKBONES
-from tuning.datasets import DATASETS
-from tuning.features import FeatureCache
-from tuning.hparams import HParams
-from tuning.images import Normalize, resize_for
-from tuning.model import build_model
-
-from search import commit  # benchmarks/search.py: this script runs from benchmarks/
+from tuning.lib.backbones import BACKBONES
+from tuning.lib.data import decoded_store as store
+from tuning.lib.data.sources import DATASETS
+from tuning.lib.data.transforms import Normalize, resize_for
+from tuning.lib.features import FeatureCache
+from tuning.lib.hparams import HParams
+from tuning.lib.model import build_model
 
 
 def seeds_epoch(model: nn.Module, folder: Path, hp: HParams, size: int, mean, std) -> float:

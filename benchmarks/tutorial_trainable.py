@@ -20,13 +20,13 @@ from torchvision import transforms
 
 from experiments.base import Experiment
 from trainables.finetune import build_optimizer, report, select_device
-from tuning import metrics as M
-from tuning.backbones import BACKBONES
-from tuning.datasets import DATASETS
-from tuning.hparams import HParams
-from tuning.images import resize_for
-from tuning.model import build_model
-from tuning.search import Placement
+from tuning.app.search import Placement
+from tuning.lib import metrics as M
+from tuning.lib.backbones import BACKBONES
+from tuning.lib.data.sources import DATASETS
+from tuning.lib.data.transforms import resize_for
+from tuning.lib.hparams import HParams
+from tuning.lib.model import build_model
 
 
 def tutorial(config: dict[str, Any], *, experiment: Experiment, folder: str, weights: str) -> None:
@@ -44,7 +44,7 @@ def tutorial(config: dict[str, Any], *, experiment: Experiment, folder: str, wei
                                         batch_size=hp.batch_size, shuffle=True, drop_last=True)
     val = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(f"{folder}/val", val_tf, loader=rgb),
                                       batch_size=64)
-    # the seeds' layout: PyTorch's default NCHW (ours runs channels_last, tuning.model)
+    # the seeds' layout: PyTorch's default NCHW (ours runs channels_last, tuning.lib.model)
     model = build_model(experiment.backbone, 2, Path(weights), hp.freeze_depth, channels_last=False).to(device)
     optimizer = build_optimizer(model, hp)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=experiment.epochs)

@@ -8,7 +8,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    dataset: str  # a name in tuning.datasets.DATASETS
+    dataset: str  # a name in tuning.lib.data.sources.DATASETS
     backbone: str = "efficientnet_lite0"  # the only ImageNet weights to be had offline
     search_space: str = "finetune"
     samples: int = 32
@@ -19,7 +19,7 @@ class Experiment:
     reduction_factor: int = 3
     image_size: int = 224
     image_mode: str = "RGB"  # "L": one-channel data (MNIST); the first convolution is adapted
-    gray_input: str = "sum"  # for "L": "sum" the RGB kernels into one, or "repeat" gray 3x (tuning.model)
+    gray_input: str = "sum"  # for "L": "sum" the RGB kernels into one, or "repeat" gray 3x (tuning.lib.model)
     # Training views, as the seeds' RandomResizedCrop + RandomHorizontalFlip; digits must not flip.
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True

@@ -4,14 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.base import Experiment
-from tuning.datasets import FOLDER_PREFIX
+from tuning.lib.data.sources import FOLDER_PREFIX
 
 
-def folder_experiment(spec: str) -> Experiment:
+def folder_experiment(path: Path) -> Experiment:
     """Nothing is known about the images, so the defaults (the tutorial's 224 px, 8 epochs) as they
-    are. The path is made absolute, so a --resume from another directory finds the same folder."""
-    given = spec[len(FOLDER_PREFIX):]
-    if not given:
-        return Experiment(name="folder", dataset=FOLDER_PREFIX)  # create_source says what is missing
-    path = Path(given).expanduser().resolve()
+    are. The path is absolute (`parse_folder`), so a --resume from another directory finds the same folder."""
     return Experiment(name=f"folder-{path.name}", dataset=f"{FOLDER_PREFIX}{path}")

@@ -1,7 +1,7 @@
 from experiments.base import Experiment
 
 # MNIST: 60,000 gray 28 px digits (a tenth held out as val) and the official 10,000 test digits.
-# - One channel: the stem's RGB kernels are summed (gray_input "sum", tuning.model), keeping the
+# - One channel: the stem's RGB kernels are summed (gray_input "sum", tuning.lib.model), keeping the
 #   pretrained filters; "repeat" (seed 000's expand to 3 channels) is the alternative.
 # - 64 px, not seed 001's 224 nor seed 000's 28: best val accuracy per CPU-second measured. Lite0,
 #   Adam 1e-3, one core, on 1,400 train / 397 val digits (sklearn's bundled digits redrawn as

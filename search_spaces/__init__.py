@@ -1,15 +1,25 @@
 """Optuna define-by-run search spaces, by name. Each is `space(trial, *, num_stages) -> dict`:
-it only suggests values (keys are `tuning.hparams.HParams` fields) and does no work."""
+it only suggests values (keys are `tuning.lib.hparams.HParams` fields) and does no work.
+`space_for` binds an experiment's space to its backbone's stage count: the one place that does."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import optuna
 
-from tuning.registry import Registry
+from experiments.base import Experiment
+from tuning.lib.backbones import BACKBONES
+from tuning.lib.registry import Registry
 
 SearchSpace = Callable[..., dict[str, Any]]
 SEARCH_SPACES: Registry[SearchSpace] = Registry("search space")
+
+
+def space_for(experiment: Experiment) -> Callable[[optuna.Trial], dict[str, Any]]:
+    """The experiment's search space, with freeze depth ranging over its backbone's stages."""
+    num_stages = BACKBONES.get(experiment.backbone).num_stages
+    return functools.partial(SEARCH_SPACES.get(experiment.search_space), num_stages=num_stages)
 
 
 @SEARCH_SPACES.register("finetune")

@@ -11,8 +11,9 @@ import ray
 from PIL import Image
 
 from experiments import EXPERIMENTS, Experiment
-from tuning.datasets import DATASETS, DATA_ROOT_ENV, FolderSource
-from tuning.store import CACHE_ENV
+from tuning.lib.data.fetch import DATA_ROOT_ENV
+from tuning.lib.data.sources import DATASETS, FolderSource
+from tuning.lib.files import CACHE_ENV
 
 TINY = "tiny"
 # Decoded stores and feature caches of this test session go to a fresh dir, not ~/.cache; set
@@ -139,3 +140,24 @@ def make_mnist(root: Path, n_train: int = 200, n_test: int = 60, gz: bool = True
         write_idx(raw / f"{prefix}-images-idx3-ubyte{'.gz' if gz else ''}", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte{'' if gz else '.gz'}", labels.astype(np.uint8))
     return root
+
+
+# A user's folder broken in each way we name; the message names the folder ({base}).
+BROKEN_FOLDERS = [
+    ("missing", "folder {base} not found"),
+    ("one_class", "{base} has 1 class; a classifier needs at least two"),
+    ("too_few", "class folder {base}/b has 2 image(s); splitting into train/val/test needs at least 3"),
+    ("unreadable", "class folder {base}/b holds no readable image"),
+    ("classes_differ", "{base}/val has classes ['a', 'c'], but train has ['a', 'b']"),
+]
+
+
+def make_broken_folder(base: Path, breakage: str) -> Path:
+    if breakage == "classes_differ":
+        make_image_folder(base, {"train": 3, "val": 3}, classes=("a", "b"))
+        (base / "val" / "b").rename(base / "val" / "c")
+    elif breakage != "missing":
+        make_flat_folder(base, {"a": 5} if breakage == "one_class" else {"a": 5, "b": 2 if breakage == "too_few" else 5})
+        for f in (base / "b").glob("*") if breakage == "unreadable" else ():
+            f.write_bytes(b"garbage")
+    return base

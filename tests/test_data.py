@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import make_image_folder
-from tuning import datasets
-from tuning.datasets import FolderSource, load
-from tuning.errors import UsageError
-from tuning.images import Normalize, eval_batch, eval_tensor, resize_for
+from tuning.lib.data import fetch
+from tuning.lib.data.decode import load
+from tuning.lib.data.sources import DATASETS, FolderSource
+from tuning.lib.data.transforms import Normalize, eval_batch, eval_tensor, resize_for
+from tuning.lib.errors import UsageError
 
 SRC = FolderSource("set")
 
@@ -68,12 +69,14 @@ def test_absent_dataset_whose_download_fails_says_where_to_put_it(tmp_path, monk
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(UsageError, match=f"put the 'hymenoptera_data' folder under {tmp_path}"):
-        load(datasets.DATASETS.get("hymenoptera"), tmp_path, resize=36)
+        load(DATASETS.get("hymenoptera"), tmp_path, resize=36)
     assert list(tmp_path.iterdir()) == []  # a failed fetch leaves nothing behind
 
 
 def test_download_is_checked_and_extracted(tmp_path, monkeypatch):
-    import io, zipfile, hashlib
+    import hashlib
+    import io
+    import zipfile
 
     make_image_folder(tmp_path / "src" / "set", {"train": 2, "val": 2})
     buf = io.BytesIO()
@@ -92,11 +95,11 @@ def test_download_is_checked_and_extracted(tmp_path, monkeypatch):
 
 
 def test_data_root_precedence(monkeypatch):
-    monkeypatch.setenv(datasets.DATA_ROOT_ENV, "/from/env")
-    assert datasets.resolve_data_root("/explicit") == Path("/explicit")
-    assert datasets.resolve_data_root(None) == Path("/from/env")
-    monkeypatch.delenv(datasets.DATA_ROOT_ENV)
-    assert datasets.resolve_data_root(None) == Path("data")
+    monkeypatch.setenv(fetch.DATA_ROOT_ENV, "/from/env")
+    assert fetch.resolve_data_root("/explicit") == Path("/explicit")
+    assert fetch.resolve_data_root(None) == Path("/from/env")
+    monkeypatch.delenv(fetch.DATA_ROOT_ENV)
+    assert fetch.resolve_data_root(None) == Path("data")
 
 
 def test_predict_preprocessing_is_validation_preprocessing(tmp_path):

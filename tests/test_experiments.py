@@ -10,13 +10,19 @@ import pytest
 
 from experiments import EXPERIMENTS
 from search_spaces import SEARCH_SPACES
-from tests.conftest import make_flat_folder, make_image_folder, make_mnist
+from tests.conftest import (
+    BROKEN_FOLDERS,
+    make_broken_folder,
+    make_flat_folder,
+    make_image_folder,
+    make_mnist,
+)
 from tests.test_cli import one_line_error, run_cli
-from tuning import metrics as M
-from tuning.datasets import create_source
-from tuning.export import META_FILE
+from tuning.app.export import META_FILE
+from tuning.app.results import RESULTS_FILE
+from tuning.lib import metrics as M
+from tuning.lib.data.sources import create_source
 from tuning.predict import predict
-from tuning.results import RESULTS_FILE
 from tuning.run import main
 
 SMOKE = ["--smoke-test", "--samples", "1", "--epochs", "1"]
@@ -105,23 +111,11 @@ def test_lr_range_follows_the_optimizer():
     assert seen == {"sgd", "adam"}
 
 
-@pytest.mark.parametrize("layout, message", [
-    ("missing", "folder {path} not found"),
-    ("one_class", "{path} has 1 class; a classifier needs at least two"),
-    ("no_readable", "class folder {path}/b holds no readable image"),
-    ("classes_differ", "{path}/val has classes ['a', 'c'], but train has ['a', 'b']"),
-])
-def test_bad_user_folders_exit_2_naming_the_folder(tmp_path, layout, message):
-    path = tmp_path / "mine"
-    if layout == "classes_differ":
-        make_image_folder(path, {"train": 3, "val": 3}, classes=("a", "b"))
-        (path / "val" / "b").rename(path / "val" / "c")
-    elif layout != "missing":
-        make_flat_folder(path, {"a": 5} if layout == "one_class" else {"a": 5, "b": 5})
-        for f in (path / "b").glob("*") if layout == "no_readable" else ():
-            f.write_bytes(b"not an image")
-    out = run_cli("tuning.run", f"folder:{path}", "--storage", str(tmp_path / "runs"))
-    one_line_error(out, "tuning.run", message.format(path=path))
+@pytest.mark.parametrize("breakage, message", BROKEN_FOLDERS)
+def test_bad_user_folders_exit_2_naming_the_folder(tmp_path, breakage, message):
+    base = make_broken_folder(tmp_path / "mine", breakage)
+    out = run_cli("tuning.run", f"folder:{base}", "--storage", str(tmp_path / "runs"))
+    one_line_error(out, "tuning.run", message.format(base=base))
     assert not (tmp_path / "runs").exists()
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from experiments import EXPERIMENTS
-from trainables.finetune import CHECKPOINT_FILE
-from tuning import export as export_mod
-from tuning.export import Best, export, load_exported
-from tuning.model import build_model
+from tuning.app import export as export_mod
+from tuning.app.export import Best, export, load_exported
+from tuning.lib.checkpoint import CHECKPOINT_FILE
+from tuning.lib.model import build_model
 
 
 def fake_best(tmp_path: Path, value: float) -> Best:

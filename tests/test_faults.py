@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,10 +14,8 @@ import pytest
 
 from experiments import EXPERIMENTS
 from tests.conftest import make_image_folder, trial_dirs
-from trainables.finetune import FAULT_DIR_ENV, FAULT_ENV
-from tuning import metrics as M
-from tuning.search import make_searcher
-
+from tuning.app.search import make_searcher
+from tuning.lib import metrics as M
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +26,11 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def run(data_root: Path, storage: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, FAULT_ENV: fault, FAULT_DIR_ENV: str(storage / "faults")}
-    cmd = [sys.executable, "-m", "tuning.run", "hymenoptera", "--smoke-test", "--data-root", str(data_root),
+    """`tuning.run`, or with `fault` the same run through the test's fault-injecting trainable."""
+    command = ["tests.faulty", fault, str(storage / "faults")] if fault else ["tuning.run"]
+    cmd = [sys.executable, "-m", *command, "hymenoptera", "--smoke-test", "--data-root", str(data_root),
            "--storage", str(storage), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def epochs(trial_dir: Path) -> list[int]:
@@ -160,8 +158,8 @@ def test_same_seed_samples_the_same_hyperparameters():
 
 
 def test_resume_prunes_only_trial_dirs_the_saved_state_does_not_know(tmp_path, capsys):
-    from tuning.rundir import prune_unknown_trials
-    from tuning.storage import RunLocation
+    from tuning.app.location import RunLocation
+    from tuning.app.rundir import prune_unknown_trials
 
     run_dir = tmp_path / "run"
     for trial in ("aaaa0001", "aaaa0002", "bbbb0003"):

@@ -11,15 +11,16 @@ import torch
 from torch import nn
 
 from experiments.base import Experiment
-from trainables.finetune import build_optimizer, evaluate, train_one_epoch
+from trainables.finetune import build_optimizer, train_one_epoch
 from trainables.inputs import TrialInputs
-from tuning.backbones import BACKBONES
-from tuning.datasets import Dataset, Split
-from tuning.features import FeatureCache
-from tuning.hparams import HParams
-from tuning.images import Normalize, TrainViews
-from tuning.model import FineTuneNet, build_model
-from tuning.store import CACHE_ENV
+from tuning.lib.backbones import BACKBONES
+from tuning.lib.checkpoint import evaluate
+from tuning.lib.data.decode import Dataset, Split
+from tuning.lib.data.transforms import Normalize, TrainViews
+from tuning.lib.features import FeatureCache
+from tuning.lib.files import CACHE_ENV
+from tuning.lib.hparams import HParams
+from tuning.lib.model import FineTuneNet, build_model
 
 LITE0 = "efficientnet_lite0"
 

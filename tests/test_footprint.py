@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuning import footprint
-from tuning.model import build_model
-from tuning.search import Placement, trial_resources
+from tuning.app.search import Placement, trial_resources
+from tuning.lib import footprint
+from tuning.lib.model import build_model
 
 LITE0 = "efficientnet_lite0"
 
@@ -35,15 +35,19 @@ def test_one_channel_input_saves_less_than_rgb_at_the_first_stage():
 def test_a_trial_asks_for_base_plus_batch_times_its_depths_bytes():
     need = footprint.Footprint(base_bytes=footprint.GIB, per_image=(80 * 2**20, 40 * 2**20, 2**20))
     resources = trial_resources(Placement(cpus_per_trial=1), need, largest_node=16 * footprint.GIB)
-    bundle = resources({"batch_size": 64, "freeze_depth": 0}).bundles[0]
+
+    def config(batch_size: int, freeze_depth: int) -> dict:
+        return {"lr": 1e-3, "head_lr_mult": 10.0, "batch_size": batch_size, "freeze_depth": freeze_depth}
+
+    bundle = resources(config(64, 0)).bundles[0]
     assert bundle["CPU"] == 1 and bundle["memory"] == footprint.GIB + 64 * 80 * 2**20  # 6 GiB, on a step
-    assert resources({"batch_size": 8, "freeze_depth": 2}).bundles[0]["memory"] == 1.25 * footprint.GIB  # rounded up
+    assert resources(config(8, 2)).bundles[0]["memory"] == 1.25 * footprint.GIB  # rounded up
     # larger than any node: runs alone on the largest rather than waiting forever
     small_node = trial_resources(Placement(), need, largest_node=4 * footprint.GIB)
-    assert small_node({"batch_size": 64, "freeze_depth": 0}).bundles[0]["memory"] == 4 * footprint.GIB
+    assert small_node(config(64, 0)).bundles[0]["memory"] == 4 * footprint.GIB
     # on a GPU the activations are in GPU memory: the host holds the worker only
     gpu = trial_resources(Placement(gpus_per_trial=0.5), need, largest_node=16 * footprint.GIB)
-    bundle = gpu({"batch_size": 64, "freeze_depth": 0}).bundles[0]
+    bundle = gpu(config(64, 0)).bundles[0]
     assert bundle["GPU"] == 0.5 and bundle["memory"] == footprint.GIB
 
 

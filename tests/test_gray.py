@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from trainables.finetune import build_optimizer
-from tuning.backbones import BACKBONES
-from tuning.hparams import HParams
-from tuning.images import Normalize
-from tuning.model import build_model
+from tuning.lib.backbones import BACKBONES
+from tuning.lib.data.transforms import Normalize
+from tuning.lib.hparams import HParams
+from tuning.lib.model import build_model
 
 LITE0 = "efficientnet_lite0"
 

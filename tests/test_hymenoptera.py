@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from tests.conftest import hymenoptera_root
-from tuning.backbones import BACKBONES, load_pretrained
-from tuning.datasets import DATASETS, load
-from tuning.images import Normalize, eval_batch
+from tuning.lib.backbones import BACKBONES, load_pretrained
+from tuning.lib.data.decode import load
+from tuning.lib.data.sources import DATASETS
+from tuning.lib.data.transforms import Normalize, eval_batch
 
 ROOT = hymenoptera_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="set TUNING_DATA_ROOT to the folder holding hymenoptera_data")

@@ -10,13 +10,13 @@ import torch
 import torchvision
 
 from trainables.finetune import build_optimizer, train_one_epoch
-from trainables.inputs import Feed
-from tuning.backbones import BACKBONES, LITE0_SHA256
-from tuning.datasets import Split
-from tuning.errors import UsageError
-from tuning.hparams import HParams
-from tuning.images import Normalize, TrainViews
-from tuning.model import build_model
+from tuning.lib.backbones import BACKBONES, LITE0_SHA256
+from tuning.lib.checkpoint import Feed
+from tuning.lib.data.decode import Split
+from tuning.lib.data.transforms import Normalize, TrainViews
+from tuning.lib.errors import UsageError
+from tuning.lib.hparams import HParams
+from tuning.lib.model import build_model
 
 LITE0 = "efficientnet_lite0"
 

@@ -7,9 +7,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import trial_dirs
-from tuning import metrics as M
+from tuning.app.results import RESULTS_FILE
+from tuning.lib import metrics as M
 from tuning.report import main as report_main
-from tuning.results import RESULTS_FILE
 
 COLUMNS = {"trial_id", "hp_lr", "hp_head_lr_mult", "hp_freeze_depth", "hp_batch_size", "best_val_acc",
            "best_epoch", "best_val_loss", "last_val_acc", "epochs_run", "status", "wall_time_s", "node_id", "test_acc"}

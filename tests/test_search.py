@@ -10,11 +10,11 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from search_spaces import SEARCH_SPACES
-from tuning import metrics as M
-from tuning.export import META_FILE
+from tests.conftest import trial_dirs
+from tuning.app.export import META_FILE
+from tuning.lib import metrics as M
 from tuning.predict import predict
 from tuning.run import main
-from tests.conftest import trial_dirs
 
 
 def progress(trial_dir: Path) -> pd.DataFrame:

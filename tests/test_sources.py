@@ -6,10 +6,18 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import make_flat_folder, make_image_folder, make_mnist, write_idx
-from tuning import datasets, mnist
-from tuning.datasets import create_source, decode_listing
-from tuning.errors import UsageError
+from tests.conftest import (
+    BROKEN_FOLDERS,
+    make_broken_folder,
+    make_flat_folder,
+    make_image_folder,
+    make_mnist,
+    write_idx,
+)
+from tuning.lib.data import mnist
+from tuning.lib.data.decode import decode_listing, load
+from tuning.lib.data.sources import create_source
+from tuning.lib.errors import UsageError
 
 HOTDOG = ("hotdog", "not-hotdog")
 POKEMON = {"bulbasaur": 10, "charmander": 10, "mewtwo": 10, "pikachu": 10, "squirtle": 15}
@@ -139,29 +147,11 @@ def test_user_folder_with_splits_or_flat(tmp_path):
     check_disjoint(listing)
 
 
-@pytest.mark.parametrize("breakage, message", [
-    ("missing", "folder {base} not found"),
-    ("one_class", "{base} has 1 class; a classifier needs at least two"),
-    ("too_few", "class folder {base}/b has 2 image(s); splitting into train/val/test needs at least 3"),
-    ("unreadable", "class folder {base}/b holds no readable image"),
-    ("classes_differ", "{base}/val has classes ['a', 'c'], but train has ['a', 'b']"),
-])
+@pytest.mark.parametrize("breakage, message", BROKEN_FOLDERS)
 def test_broken_user_folders_name_the_folder(tmp_path, breakage, message):
-    base = tmp_path / "mine"
-    if breakage == "classes_differ":
-        make_image_folder(base, {"train": 3, "val": 3}, classes=("a", "b"))
-        (base / "val" / "b").rename(base / "val" / "c")
-    elif breakage != "missing":
-        make_flat_folder(base, {"a": 5, "b": 2 if breakage == "too_few" else 5})
-        if breakage == "one_class":
-            for f in (base / "b").iterdir():
-                f.unlink()
-            (base / "b").rmdir()
-        if breakage == "unreadable":
-            for f in (base / "b").iterdir():
-                f.write_bytes(b"garbage")
+    base = make_broken_folder(tmp_path / "mine", breakage)
     with pytest.raises(UsageError) as info:
-        datasets.load(create_source(f"folder:{base}"), tmp_path, resize=36)
+        load(create_source(f"folder:{base}"), tmp_path, resize=36)
     assert message.format(base=base) in str(info.value)
 
 

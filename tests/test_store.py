@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_image_folder
-from tuning import datasets, store
-from tuning.datasets import FolderSource
-from tuning.images import TrainViews
+from tuning.lib.data import decoded_store as store
+from tuning.lib.data.decode import decode_listing
+from tuning.lib.data.sources import FolderSource
+from tuning.lib.data.transforms import TrainViews
 
 SRC = FolderSource("set")
 
@@ -21,7 +22,7 @@ def folder(tmp_path):
 def test_store_holds_exactly_what_decoding_gives(folder, tmp_path):
     listing = SRC.list(folder)
     handle = store.build(listing, 36, "RGB", root=tmp_path / "cache")
-    stored, decoded = store.open_store(handle.path), datasets.decode_listing(listing, 36)
+    stored, decoded = store.open_store(handle.path), decode_listing(listing, 36)
     assert stored.classes == decoded.classes == ["ants", "bees"]
     for name in ("train", "val"):
         a, b = stored.splits[name], decoded.splits[name]

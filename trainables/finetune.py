@@ -7,12 +7,10 @@ epoch: train, validate, report metrics and a checkpoint; a restarted trial resum
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -26,18 +24,13 @@ from ray import tune
 from torch import nn
 
 from experiments.base import Experiment
-from trainables.inputs import Feed, TrialData, TrialInputs, forward_batch_size
-from tuning import metrics as M
-from tuning.backbones import BACKBONES
-from tuning.hparams import HParams
-from tuning.images import Normalize
-from tuning.model import FineTuneNet, build_model
-
-CHECKPOINT_FILE = "state.pt"
-FAULT_ENV = "TUNING_TEST_FAULT"
-FAULT_DIR_ENV = "TUNING_TEST_FAULT_DIR"  # where `raise@E` remembers which trials it already hit
-
-Fault = Callable[[torch.Tensor, int], torch.Tensor]
+from trainables.inputs import TrialData, TrialInputs
+from tuning.lib import metrics as M
+from tuning.lib.backbones import BACKBONES
+from tuning.lib.checkpoint import Feed, autocast, evaluate, load_state, save_state
+from tuning.lib.data.transforms import Normalize
+from tuning.lib.hparams import HParams
+from tuning.lib.model import FineTuneNet, build_model
 
 
 def finetune(config: dict[str, Any], *, experiment: Experiment, data: TrialData, weights: str | None) -> None:
@@ -67,11 +60,10 @@ def fit(config: dict[str, Any], experiment: Experiment, data: TrialData, weights
     norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
     inputs = TrialInputs(dataset, experiment, model, norm, data.cache, device)
     val = inputs.val()
-    fault = fault_injector(config)
     node = ray.get_runtime_context().get_node_id()
     for epoch in range(start, experiment.epochs):
         torch.manual_seed(trial_seed + epoch)
-        train_loss, images_per_s = train_one_epoch(model, optimizer, inputs.train(epoch), hp.batch_size, epoch, fault)
+        train_loss, images_per_s = train_one_epoch(model, optimizer, inputs.train(epoch), hp.batch_size)
         if not math.isfinite(train_loss):
             # Diverged: end the trial as the worst possible result, which ASHA and Optuna still
             # learn from. No checkpoint and no exception, so no retry storm.
@@ -132,16 +124,8 @@ def build_optimizer(model: FineTuneNet, hp: HParams) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer {hp.optimizer!r} is neither 'sgd' nor 'adam'")
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 on CUDA (no loss scaling needed, unlike fp16); full precision on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_one_epoch(
-    model: FineTuneNet, optimizer: torch.optim.Optimizer, feed: Feed, batch_size: int, epoch: int = 0,
-    fault: Fault | None = None,
+    model: FineTuneNet, optimizer: torch.optim.Optimizer, feed: Feed, batch_size: int
 ) -> tuple[float, float]:
     model.train()
     device = feed.labels.device
@@ -155,8 +139,6 @@ def train_one_epoch(
         x, y = feed.batch(idx).to(device, non_blocking=True), feed.labels[idx]
         with autocast(device):
             loss = loss_fn(model.trainable_forward(x).float(), y)
-        if fault is not None:
-            loss = fault(loss, epoch)
         if not torch.isfinite(loss):
             return float("nan"), seen / (time.perf_counter() - start)
         optimizer.zero_grad(set_to_none=True)
@@ -167,30 +149,9 @@ def train_one_epoch(
     return total / max(seen, 1), seen / (time.perf_counter() - start)
 
 
-@torch.no_grad()
-def evaluate(model: FineTuneNet, feed: Feed, batch_size: int | None = None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a split's eval crops."""
-    model.eval()
-    device = feed.labels.device
-    batch_size = batch_size or forward_batch_size(device)
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(feed), batch_size):
-        idx = list(range(i, min(len(feed), i + batch_size)))
-        with autocast(device):
-            logits = model.trainable_forward(feed.batch(idx).to(device)).float()
-        target = feed.labels[idx]
-        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(1) == target).sum().item()
-    return loss_sum / len(feed), correct / len(feed)
-
-
 def report(model, optimizer, schedule, epoch: int, result: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "schedule": schedule.state_dict(), "epoch": epoch + 1},
-            os.path.join(tmp, CHECKPOINT_FILE),
-        )
+        save_state(tmp, model, optimizer, schedule, epoch + 1)
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -205,40 +166,3 @@ def restore(model, optimizer, schedule) -> int:
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     return int(state["epoch"])
-
-
-def fault_injector(config: dict[str, Any]) -> Fault | None:
-    """Test-only hook, read once per trial from $TUNING_TEST_FAULT = KIND[,PARAM=VALUE]: `nan` makes
-    every loss NaN; `raise@E` raises in epoch E on a trial's first attempt only (a retry can
-    succeed); `raise-always@E` raises in epoch E on every attempt. With `,PARAM=VALUE` only trials
-    whose hyperparameter PARAM has that value are hit. The first-attempt marker is keyed by trial id
-    in $TUNING_TEST_FAULT_DIR, not in get_trial_dir(): Ray 2.60 gives a trial a different dir
-    when its retry lands on a reused actor (working_dirs/ instead of driver_artifacts/), so a
-    marker there was missed and the retry raised again."""
-    spec, _, condition = os.environ.get(FAULT_ENV, "").partition(",")
-    if not spec:
-        return None
-    if condition:
-        key, _, value = condition.partition("=")
-        if str(config.get(key)) != value:
-            return None
-    if spec == "nan":
-        return lambda loss, epoch: loss * float("nan")
-    kind, _, at = spec.partition("@")
-    marker_dir = Path(os.environ.get(FAULT_DIR_ENV) or Path(tempfile.gettempdir()) / "tuning-faults")
-    marker_dir.mkdir(parents=True, exist_ok=True)
-    marker = marker_dir / f"{tune.get_context().get_trial_id()}.raised"
-
-    def inject(loss: torch.Tensor, epoch: int) -> torch.Tensor:
-        if kind in ("raise", "raise-always") and epoch == int(at):
-            if kind == "raise-always" or not marker.exists():
-                marker.touch()
-                raise RuntimeError(f"injected fault in epoch {epoch}")
-        return loss
-
-    return inject
-
-
-def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-

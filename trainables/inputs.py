@@ -9,18 +9,12 @@ import numpy as np
 import torch
 
 from experiments.base import Experiment
-from tuning.datasets import Dataset
-from tuning.features import FeatureCache
-from tuning.images import Normalize, TrainViews, eval_batch
-from tuning.model import FineTuneNet
-from tuning.store import StoreHandle
-
-
-def forward_batch_size(device: torch.device) -> int:
-    """Images per forward pass without gradients (validation, filling the cache). On CPU, 16
-    beats 64 by about 1.5x (EfficientNet-Lite0, 224 px, 2 threads: 29 vs 19 img/s, cache locality);
-    a GPU wants large batches."""
-    return 256 if device.type == "cuda" else 16
+from tuning.lib.checkpoint import Feed, forward_batch_size
+from tuning.lib.data.decode import Dataset
+from tuning.lib.data.decoded_store import StoreHandle
+from tuning.lib.data.transforms import Normalize, TrainViews, as_tensor, eval_batch
+from tuning.lib.features import FeatureCache
+from tuning.lib.model import FineTuneNet
 
 
 @dataclass(frozen=True)
@@ -29,19 +23,6 @@ class TrialData:
 
     store: StoreHandle
     cache: FeatureCache | None  # None: --feature-cache-gb 0, or frozen stages not shared (no pretraining)
-
-
-@dataclass
-class Feed:
-    """One split as the trainable part of the network sees it: `batch(indices)` is the frozen
-    prefix's output for those images (the normalised images themselves at depth 0)."""
-
-    labels: torch.Tensor
-    batch: Callable[[Sequence[int]], torch.Tensor]
-    cached: bool
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 class TrialInputs:
@@ -81,7 +62,7 @@ class TrialInputs:
             features = self.cache.get(model, depth, view, len(labels), raw, forward_batch_size(self.device))
             if features is not None:
                 if self.device.type == "cuda":  # one copy per epoch, then batches never leave the GPU
-                    resident = torch.from_numpy(np.ascontiguousarray(features)).to(self.device)
+                    resident = as_tensor(np.ascontiguousarray(features)).to(self.device)
                     return Feed(labels, lambda idx: resident[list(idx)], True)
                 return Feed(labels, lambda idx: torch.from_numpy(np.asarray(features[np.asarray(idx)])), True)
         return Feed(labels, lambda idx: model.frozen_features(raw(idx)), False)

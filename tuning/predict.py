@@ -7,28 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from tuning.errors import UsageError, exit_on_usage_error
-from tuning.export import load_exported
-from tuning.images import UndecodableImage, center_crop, decode
+from tuning.app.predictor import load
+from tuning.lib.errors import exit_on_usage_error
 
 
 def predict(export_dir: Path, images: list[Path]) -> list[tuple[str, str, float]]:
-    model, meta, norm = load_exported(export_dir)
-    rows = []
-    for path in images:
-        try:
-            # validation's preprocessing (images.eval_tensor), in the export's image mode
-            array = decode(path, meta["resize"], meta.get("image_mode", "RGB"))
-            x = norm(center_crop(array, meta["image_size"]).unsqueeze(0))
-        except UndecodableImage:
-            raise UsageError(f"{path} is not a readable image") from None
-        with torch.no_grad():
-            probs = model(x).softmax(1)[0]
-        p, i = probs.max(0)
-        rows.append((str(path), meta["classes"][int(i)], float(p)))
-    return rows
+    rows = load(export_dir).predict(images)
+    return [(str(path), label, prob) for path, (label, prob) in zip(images, rows)]
 
 
 def main(argv: list[str] | None = None) -> None:

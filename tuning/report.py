@@ -4,29 +4,25 @@ hyperparameters' importance (Optuna's fANOVA)."""
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from ray.tune import ExperimentAnalysis  # noqa: E402
 
 from experiments.base import Experiment  # noqa: E402
-from search_spaces import SEARCH_SPACES  # noqa: E402
-from tuning import metrics as M  # noqa: E402
-from tuning import results  # noqa: E402
-from tuning.backbones import BACKBONES  # noqa: E402
-from tuning.errors import UsageError, exit_on_usage_error  # noqa: E402
-from tuning.rundir import SPEC_FILE, load_spec  # noqa: E402
-from tuning.storage import RunLocation, is_uri  # noqa: E402
-
-LOG_SCALE = {"lr", "head_lr_mult", "weight_decay"}
+from search_spaces import space_for  # noqa: E402
+from tuning.app import results  # noqa: E402
+from tuning.app.location import RunLocation, is_uri  # noqa: E402
+from tuning.app.rundir import SPEC_FILE, load_spec  # noqa: E402
+from tuning.lib import metrics as M  # noqa: E402
+from tuning.lib.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 
 def ranked(table: pd.DataFrame) -> pd.DataFrame:
@@ -35,16 +31,12 @@ def ranked(table: pd.DataFrame) -> pd.DataFrame:
                              na_position="last").reset_index(drop=True)
 
 
-def importances(table: pd.DataFrame, experiment: Experiment) -> dict[str, float]:
-    """Replay each finished trial through the search space into a fresh study, so Optuna knows the
-    distributions, then ask fANOVA. Empty when there is too little to tell."""
+def replay(table: pd.DataFrame, experiment: Experiment) -> optuna.Study:
+    """Each finished trial, replayed through the experiment's search space into a fresh study, so
+    Optuna knows the distributions (log scale, domains) and can judge importance."""
     done = table[table["best_val_acc"].notna()]
     hp_cols = [c for c in table.columns if c.startswith("hp_")]
-    if len(done) < 3 or done["best_val_acc"].nunique() < 2:
-        return {}
-    space = functools.partial(
-        SEARCH_SPACES.get(experiment.search_space), num_stages=BACKBONES.get(experiment.backbone).num_stages
-    )
+    space = space_for(experiment)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _, row in done.iterrows():
@@ -52,6 +44,19 @@ def importances(table: pd.DataFrame, experiment: Experiment) -> dict[str, float]
         trial = study.ask()
         space(trial)
         study.tell(trial, float(row["best_val_acc"]))
+    return study
+
+
+def log_scaled(study: optuna.Study) -> set[str]:
+    """The hyperparameters the search space samples on a log scale."""
+    return {name for t in study.trials for name, d in t.distributions.items() if getattr(d, "log", False)}
+
+
+def importances(table: pd.DataFrame, study: optuna.Study) -> dict[str, float]:
+    """fANOVA's share of val_acc variance per hyperparameter; empty when there is too little to tell."""
+    done = table[table["best_val_acc"].notna()]
+    if len(done) < 3 or done["best_val_acc"].nunique() < 2:
+        return {}
     return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
 
 
@@ -80,12 +85,12 @@ def plot_curves(run_dir: str, table: pd.DataFrame, max_epochs: int, out: Path) -
     plt.close(fig)
 
 
-def plot_hparams(table: pd.DataFrame, out: Path) -> None:
+def plot_hparams(table: pd.DataFrame, log_scale: set[str], out: Path) -> None:
     hp_cols = [c for c in table.columns if c.startswith("hp_")]
     fig, axes = plt.subplots(1, len(hp_cols), figsize=(4 * len(hp_cols), 3.6), sharey=True)
     for ax, col in zip(axes if len(hp_cols) > 1 else [axes], hp_cols):
         ax.scatter(table[col], table["best_val_acc"], c=table["epochs_run"], cmap="viridis", s=28)
-        if col[3:] in LOG_SCALE:
+        if col[3:] in log_scale:
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         elif col == "hp_batch_size":
@@ -117,8 +122,9 @@ def report(location: RunLocation) -> tuple[pd.DataFrame, list[Path]]:
     table = ranked(results.collect(location))
     pngs = [location.local / "val_acc_per_epoch.png", location.local / "val_acc_vs_hparams.png"]
     plot_curves(location.uri, table, experiment.epochs, pngs[0])
-    plot_hparams(table, pngs[1])
-    scores = importances(table, experiment)
+    study = replay(table, experiment)
+    plot_hparams(table, log_scaled(study), pngs[1])
+    scores = importances(table, study)
     if scores:
         pngs.append(location.local / "hparam_importance.png")
         plot_importance(scores, pngs[-1])

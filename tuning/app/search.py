@@ -1,7 +1,6 @@
 """From an experiment to a Ray Tune `Tuner`: the Optuna searcher, ASHA, resources and storage."""
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -10,26 +9,27 @@ from typing import Callable
 
 import ray
 from ray import tune
-from ray.tune.execution.placement_groups import PlacementGroupFactory, resource_dict_to_pg_factory
+from ray.tune.execution.placement_groups import (
+    PlacementGroupFactory,
+    resource_dict_to_pg_factory,
+)
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from experiments.base import Experiment
-from search_spaces import SEARCH_SPACES
+from search_spaces import space_for
 from trainables.finetune import finetune
 from trainables.inputs import TrialData
-from tuning import features, footprint, store
-from tuning import metrics as M
-from tuning.backbones import BACKBONES
-from tuning.errors import UsageError
-from tuning.progress import StatusLine
-from tuning.storage import RunLocation
-
-# One checkpoint kept per trial forces a state snapshot at each report; Ray warns about that on
-# every epoch, which is the intended behaviour here.
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+from tuning.app.location import RunLocation
+from tuning.app.progress import StatusLine
+from tuning.lib import features, footprint
+from tuning.lib import metrics as M
+from tuning.lib.data import decoded_store
+from tuning.lib.errors import UsageError
+from tuning.lib.files import file_digest
+from tuning.lib.hparams import HParams
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def start_ray(
     single-node Ray, unless one is already up (tests). The dashboard stays off unless asked for,
     and then listens on 127.0.0.1 only. Workers' log lines reach the console only with --verbose:
     errors are kept in each trial's error.txt and listed in the summary. `memory_gb` is the memory
-    Ray lets trials take together (tuning.footprint); a cluster's nodes state their own."""
+    Ray lets trials take together (tuning.lib.footprint); a cluster's nodes state their own."""
     if ray.is_initialized():
         return
     if address:
@@ -91,13 +91,13 @@ def trial_dirname(trial: "Trial") -> str:
 
 
 def feature_cache(
-    experiment: Experiment, placement: Placement, handle: store.StoreHandle, weights: Path | None
+    experiment: Experiment, placement: Placement, handle: decoded_store.StoreHandle, weights: Path | None
 ) -> features.FeatureCache | None:
     """Frozen stages are shared only when every trial's are the same pretrained weights."""
     if placement.feature_cache_gb <= 0 or weights is None:
         return None
     identity = {
-        "store": handle.key, "backbone": experiment.backbone, "weights": store.file_digest(weights),
+        "store": handle.key, "backbone": experiment.backbone, "weights": file_digest(weights),
         "image_size": experiment.image_size, "image_mode": experiment.image_mode,
         "gray_input": experiment.gray_input, "crop_scale": list(experiment.crop_scale),
         "hflip": experiment.hflip, "seed": experiment.seed,
@@ -106,15 +106,17 @@ def feature_cache(
 
 
 def make_trainable(
-    experiment: Experiment, placement: Placement, handle: store.StoreHandle, weights: Path | None
+    experiment: Experiment, placement: Placement, handle: decoded_store.StoreHandle, weights: Path | None,
+    trainable: Callable[..., None] = finetune,
 ) -> tune.Trainable:
+    """`trainable` is `finetune` but for tests, which wrap it (to inject faults, say)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    data = TrialData(store.share(handle, len(nodes) > 1), feature_cache(experiment, placement, handle, weights))
+    data = TrialData(decoded_store.share(handle, len(nodes) > 1), feature_cache(experiment, placement, handle, weights))
     need = footprint.measure(experiment.backbone, experiment.image_size, experiment.image_mode, experiment.gray_input)
     largest_node = max(n.get("Resources", {}).get("memory", 0.0) for n in nodes)
     return tune.with_resources(
         tune.with_parameters(
-            finetune, experiment=experiment, data=data, weights=str(weights) if weights else None
+            trainable, experiment=experiment, data=data, weights=str(weights) if weights else None
         ),
         trial_resources(placement, need, largest_node),
     )
@@ -129,7 +131,8 @@ def trial_resources(
     on_gpu = placement.gpus_per_trial > 0
 
     def resources(config: dict) -> PlacementGroupFactory:
-        memory = need.trial_bytes(int(config["batch_size"]), int(config["freeze_depth"]), on_gpu)
+        hp = HParams.from_config(config)
+        memory = need.trial_bytes(hp.batch_size, hp.freeze_depth, on_gpu)
         return resource_dict_to_pg_factory(
             {"cpu": placement.cpus_per_trial, "gpu": placement.gpus_per_trial, "memory": min(memory, largest_node)}
         )
@@ -139,15 +142,19 @@ def trial_resources(
 
 def make_searcher(experiment: Experiment) -> OptunaSearch:
     """TPE seeded by --seed; the seeds' hand recipe is enqueued as the first trial."""
-    num_stages = BACKBONES.get(experiment.backbone).num_stages
-    space = functools.partial(SEARCH_SPACES.get(experiment.search_space), num_stages=num_stages)
     return OptunaSearch(
-        space=space,
+        space=space_for(experiment),
         metric=M.OBJECTIVE,
         mode=M.MODE,
         seed=experiment.seed,
         points_to_evaluate=[dict(experiment.recipe)],
     )
+
+
+def allow_checkpoint_per_epoch() -> None:
+    """One checkpoint kept per trial forces a state snapshot at each report; Ray warns about that
+    on every epoch, which is the intended behaviour here."""
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Trainable) -> tune.Tuner:
@@ -160,6 +167,7 @@ def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Tr
         reduction_factor=experiment.reduction_factor,
     )
     location = placement.location(experiment)
+    allow_checkpoint_per_epoch()
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -197,6 +205,7 @@ def restore_tuner(run_dir: str, trainable: tune.Trainable) -> tune.Tuner:
     """Continue an interrupted search with its own OptunaSearch state (not a fresh searcher):
     finished trials stay finished, unfinished ones continue from their last checkpoint, and trials
     that errored get their retries again."""
+    allow_checkpoint_per_epoch()
     if not tune.Tuner.can_restore(run_dir):
         raise UsageError(f"{run_dir} holds no search state to resume")
     return tune.Tuner.restore(run_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tuning.model import build_model
+from tuning.lib.model import build_model
 
 GIB = 2**30
 # torch and its libraries, the store's pages, Ray's worker: a Lite0 worker held 0.92 GB before its

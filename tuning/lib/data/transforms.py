@@ -1,9 +1,9 @@
-"""Decoding and the seeds' transforms, on tensors.
+"""The seeds' transforms, on decoded uint8 images: centre crops for evaluation, fixed random
+resized crops and flips for training, and normalisation.
 
-Every image is decoded once and resized so its shorter side is `resize` (256 for 224 crops, as the
-seeds' eval Resize(256)). Training crops (RandomResizedCrop + flip) and eval crops (CenterCrop) are
-taken from that decoded copy, so trials never touch a JPEG again, and the exported model's
-preprocessing (`eval_tensor`) is the very code the trial was validated with.
+Images are decoded once, shorter side `resize_for(size)` (256 for 224 crops, as the seeds' eval
+Resize(256)); crops are taken from that copy, so trials never touch a JPEG again, and the exported
+model's preprocessing (`eval_tensor`) is the very code the trial was validated with.
 """
 from __future__ import annotations
 
@@ -15,20 +15,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-# Decoded images are read-only views of the memory-mapped store (tuning.store); nothing here writes to them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-class UndecodableImage(Exception):
-    pass
-
-
-DECODE_ERRORS = (UndecodableImage, UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+from tuning.lib.data.decode import decode
 
 
 def resize_for(image_size: int) -> int:
@@ -36,27 +25,12 @@ def resize_for(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def prepare(opened: Image.Image, resize: int, mode: str = "RGB", name: str = "") -> np.ndarray:
-    """uint8 HWC (C = 3 for "RGB", 1 for "L"), shorter side `resize`. GIFs, palettes and alpha
-    become plain RGB. Takes the image as opened (lazily) so decoding errors surface here."""
-    try:
-        with opened as img:
-            img = img.convert(mode)
-    except DECODE_ERRORS as err:
-        raise UndecodableImage(f"{name}: {err}") from err
-    w, h = img.size
-    scale = resize / min(w, h)
-    size = (max(resize, round(w * scale)), max(resize, round(h * scale)))
-    array = np.asarray(img.resize(size, Image.BILINEAR), dtype=np.uint8)
-    return array if array.ndim == 3 else array[:, :, None]
-
-
-def decode(path: Path | str, resize: int, mode: str = "RGB") -> np.ndarray:
-    try:
-        opened = Image.open(path)
-    except DECODE_ERRORS as err:
-        raise UndecodableImage(f"{path}: {err}") from err
-    return prepare(opened, resize, mode, str(path))
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the array's memory. Decoded images are read-only views of the memory-mapped
+    store, and nothing here writes to them, so torch's warning about that is silenced here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def center_crop(array: np.ndarray, size: int) -> torch.Tensor:
@@ -64,7 +38,7 @@ def center_crop(array: np.ndarray, size: int) -> torch.Tensor:
     h, w = array.shape[:2]
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     crop = array[top : top + size, left : left + size]
-    return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)
+    return as_tensor(np.ascontiguousarray(crop)).permute(2, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -98,7 +72,7 @@ class TrainViews:
     """The seeds' RandomResizedCrop + horizontal flip, with the randomness fixed by (seed, epoch,
     image): every trial sees the same view of image i in epoch e. Trials still differ in order and
     batching; what they share is the input, which is what lets trials at one freeze depth share the
-    frozen stages' outputs (tuning.features) and keeps a configuration's training reproducible."""
+    frozen stages' outputs (tuning.lib.features) and keeps a configuration's training reproducible."""
 
     size: int
     scale: tuple[float, float] = (0.08, 1.0)
@@ -109,7 +83,7 @@ class TrainViews:
     def view(self, image: np.ndarray, epoch: int, index: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, epoch, index])
         top, left, h, w = crop_params(image.shape[0], image.shape[1], self.scale, self.ratio, rng)
-        chw = torch.from_numpy(image).permute(2, 0, 1)
+        chw = as_tensor(image).permute(2, 0, 1)
         out = v2.functional.resized_crop(chw, top, left, h, w, [self.size, self.size], antialias=True)
         return out.flip(-1) if self.hflip and rng.random() < 0.5 else out
 

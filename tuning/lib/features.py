@@ -3,7 +3,7 @@ machine and shared by every trial with freeze depth k.
 
 Frozen stages have fixed pretrained weights and BatchNorm in eval mode, so their output for an
 image depends only on the input view; views are fixed per (seed, epoch, image)
-(`tuning.images.TrainViews`), so every trial at depth k needs the very same arrays: validation
+(`tuning.lib.data.transforms.TrainViews`), so every trial at depth k needs the very same arrays: validation
 features once, training features once per epoch. Each entry is a `.npy` file, memory-mapped by the
 trials that read it. A per-entry file lock makes two trials that need an entry at the same time
 compute it once; a deeper entry starts from the deepest shallower one already cached. The cache
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from tuning.store import cache_root
+from tuning.lib.files import atomic_path, cache_root
 
 FORMAT = "tuning-features-1"
 ENTRY = re.compile(r"d(\d+)-(.+)\.npy$")
@@ -69,16 +69,15 @@ class FeatureCache:
             shape = (count, *first.shape[1:])
             if not self.reserve(int(np.prod(shape)) * 4):
                 return None
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-            out[: len(first)] = first
-            done = len(first)
-            for block in batches:
-                out[done : done + len(block)] = block
-                done += len(block)
-            out.flush()
-            del out
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                out[: len(first)] = first
+                done = len(first)
+                for block in batches:
+                    out[done : done + len(block)] = block
+                    done += len(block)
+                out.flush()
+                del out
             return np.load(path, mmap_mode="r")
 
     def deepest_below(self, depth: int, view: str) -> tuple[int, np.ndarray | None]:

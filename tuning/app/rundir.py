@@ -10,8 +10,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from experiments.base import Experiment
-from tuning.errors import UsageError
-from tuning.storage import RunLocation
+from tuning.app.location import RunLocation
+from tuning.lib.errors import UsageError
+from tuning.lib.files import write_atomic
 
 SPEC_FILE = "run.json"
 
@@ -19,9 +20,7 @@ SPEC_FILE = "run.json"
 def save_spec(run_dir: Path, experiment: Experiment, classes: list[str]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {"experiment": dataclasses.asdict(experiment), "classes": classes}
-    tmp = run_dir / f".{SPEC_FILE}.tmp"
-    tmp.write_text(json.dumps(spec, indent=2))
-    tmp.replace(run_dir / SPEC_FILE)
+    write_atomic(run_dir / SPEC_FILE, json.dumps(spec, indent=2))
 
 
 def load_spec(run_dir: Path) -> tuple[Experiment, list[str]]:

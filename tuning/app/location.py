@@ -6,14 +6,14 @@ report's plots) are written to a local folder first: the run dir itself when it 
 mirror under the user's cache, uploaded with `push` and fetched with `pull`."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from tuning.errors import UsageError
+from tuning.lib.errors import UsageError
+from tuning.lib.files import cache_root
 
 
 def is_uri(location: str) -> bool:
@@ -46,7 +46,7 @@ class RunLocation:
         if not self.remote:
             return Path(self.uri)
         parsed = urlparse(self.uri)
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuning" / "runs"
+        cache = cache_root() / "runs"
         return cache / parsed.scheme / (parsed.netloc or "_") / parsed.path.strip("/")
 
     def filesystem(self) -> tuple[pafs.FileSystem, str]:

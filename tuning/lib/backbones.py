@@ -2,6 +2,7 @@
 `freeze_depth`) and says where its ImageNet weights come from and how inputs are normalised."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,8 @@ import torch
 import torchvision
 from torch import nn
 
-from tuning.errors import UsageError
-from tuning.registry import Registry
+from tuning.lib.errors import UsageError
+from tuning.lib.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,12 +24,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Backbone:
     build: Callable[[], nn.Module]  # the ImageNet network, random weights, 1000 classes
     split: Callable[[nn.Module], tuple[list[nn.Module], int]]  # stages and feature width
-    num_stages: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     first_conv: Callable[[nn.Module], nn.Conv2d]  # the convolution that sees the input's channels
     default_weights: Callable[[], Path]  # the file of ImageNet weights; UsageError if unobtainable
     adapt_state_dict: Callable[[dict, nn.Module], dict] = lambda sd, net: sd
+
+    @functools.cached_property
+    def num_stages(self) -> int:
+        """The unit of freeze_depth, counted from `split` itself (a network is built once for it)."""
+        return len(self.split(self.build())[0])
 
 
 BACKBONES: Registry[Backbone] = Registry("backbone")
@@ -64,6 +69,7 @@ def _by_order(sd: dict, net: nn.Module) -> dict:
 
 
 def _split_efficientnet(net: nn.Module) -> tuple[list[nn.Module], int]:
+    """Stem, the 7 block groups, the conv head: 9 stages."""
     stem = nn.Sequential(net.conv_stem, net.bn1)
     head = nn.Sequential(net.conv_head, net.bn2)
     return [stem, *net.blocks, head], net.num_features
@@ -74,7 +80,6 @@ BACKBONES.add(
     Backbone(
         build=lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
         split=_split_efficientnet,
-        num_stages=9,  # stem, 7 block groups, conv head
         mean=(0.5, 0.5, 0.5),  # TF-ported weights expect [-1, 1] inputs, not ImageNet statistics
         std=(0.5, 0.5, 0.5),
         first_conv=lambda net: net.conv_stem,
@@ -107,6 +112,7 @@ def _hub_weights(url: str) -> Callable[[], Path]:
 
 
 def _split_resnet(net: nn.Module) -> tuple[list[nn.Module], int]:
+    """Stem, layer1-4: 5 stages."""
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     return [stem, net.layer1, net.layer2, net.layer3, net.layer4], net.fc.in_features
 
@@ -121,7 +127,6 @@ for _name, _weights in [
         Backbone(
             build=getattr(torchvision.models, _name),
             split=_split_resnet,
-            num_stages=5,  # stem, layer1-4
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             first_conv=lambda net: net.conv1,

@@ -1,7 +1,7 @@
 """Decode once: every image of a dataset, decoded and resized, in one memory-mapped Arrow file.
 
 The file is keyed by a hash of the listed files' bytes, the split assignment and the decode size,
-and lives in a per-machine cache (`$TUNING_CACHE_DIR`, default `~/.cache/tuning`). Every trial and
+and lives in a per-machine cache (`tuning.lib.files.cache_root`). Every trial and
 every later run maps it read-only instead of decoding JPEGs again; pages are shared between the
 processes of a machine through the OS page cache, so N trials cost one copy of the pixels.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,22 +18,11 @@ import numpy as np
 import pyarrow as pa
 from filelock import FileLock
 
-from tuning.datasets import Dataset, Listing, Split, decode_listing
+from tuning.lib.data.decode import Dataset, Split, decode_listing
+from tuning.lib.data.listing import Listing
+from tuning.lib.files import cache_root, file_digest, write_atomic
 
-CACHE_ENV = "TUNING_CACHE_DIR"
 FORMAT = "tuning-store-1"  # bump when the decoding or the layout changes
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tuning").expanduser()
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def store_key(listing: Listing, resize: int, mode: str) -> str:
@@ -69,7 +57,7 @@ class StoreHandle:
             path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(path) + ".lock"):
                 if not path.is_file():
-                    _write_atomic(path, memoryview(ray.get(self.ref)))
+                    write_atomic(path, memoryview(ray.get(self.ref)))
         return open_store(str(path))
 
 
@@ -107,14 +95,7 @@ def _write(path: Path, data: Dataset, listing: Listing) -> None:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, schema) as writer:
         writer.write_table(table)
-    _write_atomic(path, memoryview(sink.getvalue()))
-
-
-def _write_atomic(path: Path, payload: memoryview) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(payload)
-    tmp.replace(path)
+    write_atomic(path, memoryview(sink.getvalue()))
 
 
 def _schema(path: Path) -> pa.Schema:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tuning.backbones import BACKBONES, load_pretrained
+from tuning.lib.backbones import BACKBONES, load_pretrained
 
 GRAY_INPUTS = ("sum", "repeat")
 
@@ -61,7 +61,7 @@ class FineTuneNet(nn.Module):
         return self.freeze_depth == len(self.stages)
 
     def frozen_features(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """The frozen prefix's output: what tuning.features caches and shares between trials.
+        """The frozen prefix's output: what tuning.lib.features caches and shares between trials.
         `start` > 0 continues from stage `start`'s input (a shallower cached prefix). Fully frozen,
         the parameter-free pooling belongs to the prefix too: 1280 values an image instead of 62720."""
         if start == 0 and self.in_repeat > 1:

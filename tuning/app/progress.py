@@ -7,7 +7,7 @@ import time
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from tuning import metrics as M
+from tuning.lib import metrics as M
 
 
 class StatusLine(Callback):

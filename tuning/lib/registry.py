@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
-from tuning.errors import UsageError
+from tuning.lib.errors import UsageError
 
 T = TypeVar("T")
 

@@ -12,10 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import ExperimentAnalysis
 
-from tuning import metrics as M
-from tuning.export import META_FILE
-from tuning.rundir import load_spec
-from tuning.storage import RunLocation
+from tuning.app.export import META_FILE
+from tuning.app.location import RunLocation
+from tuning.app.rundir import load_spec
+from tuning.lib import metrics as M
+from tuning.lib.files import atomic_path
 
 RESULTS_FILE = "results.parquet"
 COMPLETED, STOPPED, ERRORED, DIVERGED, RUNNING, PENDING = (
@@ -80,9 +81,7 @@ def _exported(run_dir: Path) -> dict[str, Any]:
 
 def write(location: RunLocation) -> str:
     table = pa.Table.from_pandas(collect(location), preserve_index=False)
-    path = location.local / RESULTS_FILE
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_path(location.local / RESULTS_FILE) as tmp:
+        pq.write_table(table, tmp)
     location.push(RESULTS_FILE)
     return f"{location.uri}/{RESULTS_FILE}"

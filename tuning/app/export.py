@@ -19,14 +19,14 @@ import torch
 from ray.tune import ResultGrid
 
 from experiments.base import Experiment
-from trainables.finetune import evaluate, load_state
-from trainables.inputs import Feed
-from tuning import metrics as M
-from tuning.backbones import BACKBONES
-from tuning.datasets import Split
-from tuning.errors import UsageError
-from tuning.images import Normalize, eval_batch, resize_for
-from tuning.model import FineTuneNet, build_model
+from tuning.lib import metrics as M
+from tuning.lib.backbones import BACKBONES
+from tuning.lib.checkpoint import Feed, evaluate, load_state
+from tuning.lib.data.decode import Split
+from tuning.lib.data.transforms import Normalize, eval_batch, resize_for
+from tuning.lib.errors import UsageError
+from tuning.lib.files import write_atomic
+from tuning.lib.model import FineTuneNet, build_model
 
 MODEL_FILE = "model.pt"
 META_FILE = "model.json"
@@ -69,7 +69,7 @@ def export(best: Best, experiment: Experiment, classes: list[str], run_dir: Path
         "image_size": experiment.image_size,
         "resize": resize_for(experiment.image_size),
         "image_mode": experiment.image_mode,  # "L": decode as one channel
-        "gray_input": experiment.gray_input,  # how the network takes one channel (tuning.model)
+        "gray_input": experiment.gray_input,  # how the network takes one channel (tuning.lib.model)
         "mean": list(backbone.mean),
         "std": list(backbone.std),
         "hparams": best.config,
@@ -111,9 +111,7 @@ def add_metrics(export_dir: Path, extra: dict[str, float]) -> None:
     meta_path = export_dir / META_FILE
     meta = json.loads(meta_path.read_text())
     meta["metrics"].update(extra)
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(meta_path)
+    write_atomic(meta_path, json.dumps(meta, indent=2))
 
 
 def load_exported(export_dir: Path) -> tuple[FineTuneNet, dict[str, Any], Normalize]:

@@ -1,0 +1,209 @@
+"""The Python API: `tuning.search(experiment, **overrides)` runs what `python -m tuning.run` runs
+and returns a `SearchResult`; `tuning.load(export_dir)` gives a predictor from an export alone.
+
+The CLI is a thin layer on `search`: the same options by the flags' names, the same one-line
+errors (`UsageError`, which the CLI prints and exits 2 on). Ray is started once per process and
+reused by later calls."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from experiments import Experiment, get_experiment
+from trainables.finetune import finetune
+from tuning.app import results
+from tuning.app.export import export, find_best, score_on_test
+from tuning.app.location import RunLocation
+from tuning.app.predictor import Predictor, load
+from tuning.app.rundir import (
+    SPEC_FILE,
+    check_run_dir,
+    check_same_experiment,
+    check_storage,
+    prune_unknown_trials,
+    save_spec,
+)
+from tuning.app.search import (
+    Placement,
+    build_tuner,
+    check_resources,
+    make_trainable,
+    restore_tuner,
+    start_ray,
+)
+from tuning.lib.backbones import BACKBONES
+from tuning.lib.data import decoded_store
+from tuning.lib.data.decode import Dataset
+from tuning.lib.data.fetch import resolve_data_root
+from tuning.lib.data.sources import create_source
+from tuning.lib.data.transforms import resize_for
+from tuning.lib.errors import UsageError
+from tuning.lib.model import build_model
+
+# --smoke-test: the whole pipeline in about a minute on a 2-core CPU. Explicit options still win.
+SMOKE = {"samples": 2, "epochs": 2, "image_size": 64, "per_class": 8}
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Every option of a search, named as the CLI's flags (`--data-root` is `data_root`)."""
+
+    samples: int | None = None  # None: the experiment's
+    epochs: int | None = None
+    backbone: str | None = None
+    weights: Path | str | None = None
+    no_pretrained: bool = False
+    seed: int | None = None
+    smoke_test: bool = False
+    data_root: str | None = None
+    storage: str = "runs"
+    name: str | None = None
+    resume: bool = False
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    feature_cache_gb: float = 4.0
+    memory_gb: float | None = None
+    max_failures: int = 2
+    address: str | None = None
+    dashboard: bool = False
+    verbose: bool = False
+
+    @classmethod
+    def of(cls, overrides: dict[str, Any]) -> "SearchOptions":
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise UsageError(f"unknown option {unknown[0]!r}; valid: {', '.join(valid)}")
+        return cls(**overrides)
+
+
+@dataclass
+class SearchResult:
+    best_config: dict[str, Any]
+    best_val_acc: float
+    best_epoch: int
+    best_trial_id: str
+    test_acc: float | None
+    test_images: int | None
+    export_dir: Path
+    run_dir: str
+    results_file: str
+    trials: int
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (trial id, last line of its error)
+    wall_s: float = 0.0
+
+    @property
+    def results(self) -> pd.DataFrame:
+        """results.parquet: one row per trial."""
+        return pd.read_parquet(Path(self.run_dir) / results.RESULTS_FILE) if "://" not in self.run_dir \
+            else pd.read_parquet(self.results_file)
+
+    def predictor(self) -> Predictor:
+        return load(self.export_dir)
+
+    def predict(self, paths: list[str | Path]) -> list[tuple[str, float]]:
+        """(label, probability) per image, from the exported model."""
+        return self.predictor().predict(paths)
+
+
+def configure(spec: str | Experiment | None, options: SearchOptions) -> tuple[Experiment, Placement]:
+    if spec is None or spec == "":
+        from experiments import EXPERIMENTS
+
+        raise UsageError(f"name an experiment: {', '.join(EXPERIMENTS.names())}")
+    experiment = spec if isinstance(spec, Experiment) else get_experiment(spec)
+    overrides: dict[str, Any] = dict(SMOKE) if options.smoke_test else {}
+    explicit = {"samples": options.samples, "epochs": options.epochs, "backbone": options.backbone, "seed": options.seed}
+    overrides.update({k: v for k, v in explicit.items() if v is not None})
+    if options.no_pretrained:
+        overrides["pretrained"] = False
+    experiment = dataclasses.replace(experiment, **overrides)
+    BACKBONES.get(experiment.backbone)
+    for flag in ("samples", "epochs"):
+        if getattr(experiment, flag) <= 0:
+            raise UsageError(f"--{flag} must be a positive integer, got {getattr(experiment, flag)}")
+    if options.max_failures < 0:
+        raise UsageError("--max-failures must not be negative")
+    if options.feature_cache_gb < 0:
+        raise UsageError("--feature-cache-gb must not be negative")
+    if options.memory_gb is not None and options.memory_gb <= 0:
+        raise UsageError(f"--memory-gb must be positive, got {options.memory_gb:g}")
+    if options.memory_gb is not None and options.address:
+        raise UsageError("--memory-gb sizes a Ray started here; on a cluster, start each node with `ray start --memory BYTES`")
+    placement = Placement(
+        storage=options.storage, name=options.name, cpus_per_trial=options.cpus_per_trial,
+        gpus_per_trial=options.gpus_per_trial, max_failures=options.max_failures, verbose=options.verbose,
+        feature_cache_gb=options.feature_cache_gb, memory_gb=options.memory_gb,
+    )
+    return experiment, placement
+
+
+def resolve_weights(experiment: Experiment, weights: Path | None) -> Path | None:
+    """Find and check the pretrained weights in the driver, so a bad file fails before any trial."""
+    if not experiment.pretrained:
+        return None
+    path = weights or BACKBONES.get(experiment.backbone).default_weights()
+    build_model(experiment.backbone, 2, path)  # raises UsageError if the file does not fit
+    return path.resolve()
+
+
+def load_data(experiment: Experiment, data_root: str | None) -> tuple[decoded_store.StoreHandle, Dataset]:
+    """List the dataset, then decode it into the store unless this machine already has it."""
+    source = create_source(experiment.dataset)
+    listing = source.list(resolve_data_root(data_root), seed=experiment.seed, per_class=experiment.per_class)
+    handle = decoded_store.build(listing, resize_for(experiment.image_size), experiment.image_mode)
+    data = handle.open()
+    print(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.splits.items())} images, "
+          f"classes {data.classes}", flush=True)
+    return handle, data
+
+
+def search(experiment: str | Experiment, *, trainable: Callable[..., None] | None = None, **overrides: Any) -> SearchResult:
+    """Search, export the best epoch of the best trial, score it on the test split, write results.
+
+    `experiment`: a registered name, `folder:PATH`, or an `Experiment`. `overrides`: the CLI's
+    flags by name (`samples=`, `epochs=`, `seed=`, `storage=`, `name=`, `data_root=`,
+    `smoke_test=True`, ...). `trainable` replaces `trainables.finetune.finetune` (tests wrap it).
+    Raises `UsageError` for anything the user can fix."""
+    started = time.time()
+    options = SearchOptions.of(overrides)
+    experiment, placement = configure(experiment, options)
+    location = placement.location(experiment)
+    check_storage(location)
+    check_run_dir(location, options.resume)
+    if options.resume:
+        check_same_experiment(location.local, experiment)
+    weights = resolve_weights(experiment, Path(options.weights) if options.weights else None)
+    handle, data = load_data(experiment, options.data_root)
+    start_ray(options.address, options.dashboard, options.verbose, placement.memory_gb)
+    check_resources(placement)
+    wrapped = make_trainable(experiment, placement, handle, weights, trainable or finetune)
+    if options.resume:
+        prune_unknown_trials(location)
+        tuner = restore_tuner(location.uri, wrapped)
+    else:
+        save_spec(location.local, experiment, data.classes)
+        location.push(SPEC_FILE)
+        tuner = build_tuner(experiment, placement, wrapped)
+    grid = tuner.fit()
+    best = find_best(grid)
+    export_dir = export(best, experiment, data.classes, location.local)
+    test = data.splits.get("test")
+    test_acc = score_on_test(export_dir, test) if test is not None else None
+    location.push("best")
+    table = results.write(location)
+    errors = [(r.path.rsplit("_", 1)[-1], str(r.error).strip().splitlines()[-1][:200]) for r in grid if r.error is not None]
+    return SearchResult(
+        best_config=dict(best.config), best_val_acc=float(best.metrics["val_acc"]), best_epoch=int(best.metrics["epoch"]),
+        best_trial_id=best.trial_id, test_acc=test_acc, test_images=len(test) if test is not None else None,
+        export_dir=export_dir, run_dir=location.uri, results_file=table, trials=len(grid), errors=errors,
+        wall_s=time.time() - started,
+    )
+
+
+__all__ = ["RunLocation", "SearchOptions", "SearchResult", "UsageError", "load", "search"]

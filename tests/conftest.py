@@ -71,7 +71,7 @@ def tiny_experiment() -> Experiment:
         DATASETS.add(TINY, FolderSource("tiny"))
     if TINY not in EXPERIMENTS:
         EXPERIMENTS.add(TINY, Experiment(name=TINY, dataset=TINY, image_size=32, epochs=3,
-                                         samples=6, reduction_factor=2))
+                                         samples=6, reduction_factor=2, grace_period=0.05))
     return EXPERIMENTS.get(TINY)
 
 

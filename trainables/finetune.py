@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import ray
 import torch
 from ray import tune
@@ -33,14 +34,22 @@ from tuning.lib.hparams import HParams
 from tuning.lib.model import FineTuneNet, build_model
 
 
-def finetune(config: dict[str, Any], *, experiment: Experiment, data: TrialData, weights: str | None) -> None:
+def finetune(
+    config: dict[str, Any], *, experiment: Experiment, data: TrialData, weights: str | None,
+    head_init: dict[str, np.ndarray] | None = None,
+) -> None:
+    """`head_init`: the linear probe's head (tuning.lib.probe), which every trial starts from
+    instead of a random head (LP-FT)."""
     try:
-        fit(config, experiment, data, weights)
+        fit(config, experiment, data, weights, head_init)
     finally:  # completed, diverged, raised, or stopped by ASHA (SystemExit from tune.report)
         release_memory()
 
 
-def fit(config: dict[str, Any], experiment: Experiment, data: TrialData, weights: str | None) -> None:
+def fit(
+    config: dict[str, Any], experiment: Experiment, data: TrialData, weights: str | None,
+    head_init: dict[str, np.ndarray] | None = None,
+) -> None:
     hp = HParams.from_config(config)
     device = select_device()
     dataset = data.store.open()
@@ -52,7 +61,10 @@ def fit(config: dict[str, Any], experiment: Experiment, data: TrialData, weights
     model = build_model(
         experiment.backbone, len(dataset.classes), Path(weights) if weights else None, hp.freeze_depth,
         image_mode=experiment.image_mode, gray_input=experiment.gray_input,
-    ).to(device)  # channels_last, as build_model makes it
+    )
+    if head_init is not None:
+        model.head.load_state_dict({k: torch.tensor(v) for k, v in head_init.items()})
+    model = model.to(device)  # channels_last, as build_model makes it
     optimizer = build_optimizer(model, hp)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=experiment.epochs)
     start = restore(model, optimizer, schedule)
@@ -61,6 +73,7 @@ def fit(config: dict[str, Any], experiment: Experiment, data: TrialData, weights
     inputs = TrialInputs(dataset, experiment, model, norm, data.cache, device)
     val = inputs.val()
     node = ray.get_runtime_context().get_node_id()
+    epoch_cost = data.epoch_costs[hp.freeze_depth] if data.epoch_costs else 1.0
     for epoch in range(start, experiment.epochs):
         torch.manual_seed(trial_seed + epoch)
         train_loss, images_per_s = train_one_epoch(model, optimizer, inputs.train(epoch), hp.batch_size)
@@ -68,13 +81,14 @@ def fit(config: dict[str, Any], experiment: Experiment, data: TrialData, weights
             # Diverged: end the trial as the worst possible result, which ASHA and Optuna still
             # learn from. No checkpoint and no exception, so no retry storm.
             tune.report({M.VAL_ACC: 0.0, M.VAL_LOSS: float("nan"), M.TRAIN_LOSS: train_loss,
-                         M.EPOCH: epoch + 1, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node})
+                         M.EPOCH: epoch + 1, M.COST: (epoch + 1) * epoch_cost, M.IMAGES_PER_S: images_per_s,
+                         M.NODE_ID: node})
             return
         schedule.step()
         val_loss, val_acc = evaluate(model, val)
         report(model, optimizer, schedule, epoch, {
             M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, M.TRAIN_LOSS: train_loss,
-            M.EPOCH: epoch + 1, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node,
+            M.EPOCH: epoch + 1, M.COST: (epoch + 1) * epoch_cost, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node,
         })
         release_memory()
 

@@ -23,6 +23,7 @@ class TrialData:
 
     store: StoreHandle
     cache: FeatureCache | None  # None: --feature-cache-gb 0, or frozen stages not shared (no pretraining)
+    epoch_costs: tuple[float, ...] = ()  # an epoch's cost by freeze depth (tuning.lib.cost); () = 1 each
 
 
 class TrialInputs:
@@ -48,6 +49,11 @@ class TrialInputs:
 
     def val(self) -> Feed:
         return self._feed("val", self.val_y, lambda idx: self._input(self.val_x[list(idx)]))
+
+    def train_centre(self) -> Feed:
+        """Training images as validation sees them (centre crops): what the linear probe fits on."""
+        crops = eval_batch(self.train_split.images, self.val_x.shape[-1])
+        return self._feed("train-centre", self.train_y, lambda idx: self._input(crops[list(idx)]))
 
     def _worth_caching(self) -> bool:
         """A prefix whose output is larger than its input (EfficientNet's stem and first block, at

@@ -20,6 +20,7 @@ from experiments.base import Experiment  # noqa: E402
 from search_spaces import space_for  # noqa: E402
 from tuning.app import results  # noqa: E402
 from tuning.app.location import RunLocation, is_uri  # noqa: E402
+from tuning.app.probing import PROBE_ID, PROBE_ONLY  # noqa: E402
 from tuning.app.rundir import SPEC_FILE, load_spec  # noqa: E402
 from tuning.lib import metrics as M  # noqa: E402
 from tuning.lib.errors import UsageError, exit_on_usage_error  # noqa: E402
@@ -34,8 +35,8 @@ def ranked(table: pd.DataFrame) -> pd.DataFrame:
 def replay(table: pd.DataFrame, experiment: Experiment) -> optuna.Study:
     """Each finished trial, replayed through the experiment's search space into a fresh study, so
     Optuna knows the distributions (log scale, domains) and can judge importance."""
-    done = table[table["best_val_acc"].notna()]
-    hp_cols = [c for c in table.columns if c.startswith("hp_")]
+    done = table[table["best_val_acc"].notna() & (table["trial_id"] != PROBE_ID)]
+    hp_cols = [c for c in table.columns if c.startswith("hp_") and c[3:] not in PROBE_ONLY]
     space = space_for(experiment)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
@@ -54,7 +55,7 @@ def log_scaled(study: optuna.Study) -> set[str]:
 
 def importances(table: pd.DataFrame, study: optuna.Study) -> dict[str, float]:
     """fANOVA's share of val_acc variance per hyperparameter; empty when there is too little to tell."""
-    done = table[table["best_val_acc"].notna()]
+    done = table[table["best_val_acc"].notna() & (table["trial_id"] != PROBE_ID)]
     if len(done) < 3 or done["best_val_acc"].nunique() < 2:
         return {}
     return optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
@@ -86,7 +87,7 @@ def plot_curves(run_dir: str, table: pd.DataFrame, max_epochs: int, out: Path) -
 
 
 def plot_hparams(table: pd.DataFrame, log_scale: set[str], out: Path) -> None:
-    hp_cols = [c for c in table.columns if c.startswith("hp_")]
+    hp_cols = [c for c in table.columns if c.startswith("hp_") and c[3:] not in PROBE_ONLY]
     fig, axes = plt.subplots(1, len(hp_cols), figsize=(4 * len(hp_cols), 3.6), sharey=True)
     for ax, col in zip(axes if len(hp_cols) > 1 else [axes], hp_cols):
         ax.scatter(table[col], table["best_val_acc"], c=table["epochs_run"], cmap="viridis", s=28)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,8 +17,8 @@ import pandas as pd
 
 from experiments import Experiment, get_experiment
 from trainables.finetune import finetune
-from tuning.app import results
-from tuning.app.export import export, find_best, score_on_test
+from tuning.app import probing, results
+from tuning.app.export import Best, export, find_best, score_on_test
 from tuning.app.location import RunLocation
 from tuning.app.predictor import Predictor, load
 from tuning.app.rundir import (
@@ -32,6 +33,7 @@ from tuning.app.search import (
     Placement,
     build_tuner,
     check_resources,
+    feature_cache,
     make_trainable,
     restore_tuner,
     start_ray,
@@ -163,6 +165,26 @@ def load_data(experiment: Experiment, data_root: str | None) -> tuple[decoded_st
     return handle, data
 
 
+@dataclass
+class Prepared:
+    weights: Path | None
+    handle: decoded_store.StoreHandle
+    data: Dataset
+    probe: probing.ProbeResult
+    probe_model: Any
+
+
+def prepare(experiment: Experiment, placement: Placement, options: SearchOptions, started: float) -> Prepared:
+    """Everything before the first trial that needs no Ray: weights, data, the linear probe (the
+    search's first result and every trial's starting head, tuning.app.probing)."""
+    weights = resolve_weights(experiment, Path(options.weights) if options.weights else None)
+    handle, data = load_data(experiment, options.data_root)
+    probe, model = probing.fit(experiment, data, weights, feature_cache(experiment, placement, handle, weights))
+    print(f"linear probe: val_acc {probe.probe.val_acc:.4f} (val_loss {probe.probe.val_loss:.4f}, "
+          f"l2 {probe.probe.l2:g}), {time.time() - started:.0f} s after start", flush=True)
+    return Prepared(weights, handle, data, probe, model)
+
+
 def search(experiment: str | Experiment, *, trainable: Callable[..., None] | None = None, **overrides: Any) -> SearchResult:
     """Search, export the best epoch of the best trial, score it on the test split, write results.
 
@@ -178,20 +200,29 @@ def search(experiment: str | Experiment, *, trainable: Callable[..., None] | Non
     check_run_dir(location, options.resume)
     if options.resume:
         check_same_experiment(location.local, experiment)
-    weights = resolve_weights(experiment, Path(options.weights) if options.weights else None)
-    handle, data = load_data(experiment, options.data_root)
-    start_ray(options.address, options.dashboard, options.verbose, placement.memory_gb)
+    # Ray starts (mostly waiting on its processes) while the data is decoded and the probe fitted
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        preparing = pool.submit(prepare, experiment, placement, options, started)
+        try:
+            start_ray(options.address, options.dashboard, options.verbose, placement.memory_gb)
+        finally:
+            ready = preparing.result()
     check_resources(placement)
-    wrapped = make_trainable(experiment, placement, handle, weights, trainable or finetune)
+    handle, data, weights, probe = ready.handle, ready.data, ready.weights, ready.probe
+    if not options.resume:
+        save_spec(location.local, experiment, data.classes)
+        location.push(SPEC_FILE)
+    probing.save(probe, ready.probe_model, location.local)
+    location.push(probing.PROBE_FILE, probing.PROBE_DIR)
+    wrapped = make_trainable(experiment, placement, handle, weights, trainable or finetune, probing.head_of(probe))
     if options.resume:
         prune_unknown_trials(location)
         tuner = restore_tuner(location.uri, wrapped)
     else:
-        save_spec(location.local, experiment, data.classes)
-        location.push(SPEC_FILE)
         tuner = build_tuner(experiment, placement, wrapped)
     grid = tuner.fit()
-    best = find_best(grid)
+    floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))
+    best = find_best(grid, floor)
     export_dir = export(best, experiment, data.classes, location.local)
     test = data.splits.get("test")
     test_acc = score_on_test(export_dir, test) if test is not None else None

@@ -40,11 +40,14 @@ class Best:
     checkpoint_path: str
 
 
-def find_best(results: ResultGrid) -> Best:
+def find_best(results: ResultGrid, floor: Best | None = None) -> Best:
     """Rank every kept checkpoint by val_acc ourselves, rather than trust get_best_result's scope
     handling (field notes: last vs best epoch surprises). Within a trial, Ray keeps the latest of
-    epochs tied on val_acc; across trials, a tie goes to the lower val_loss."""
+    epochs tied on val_acc; across trials, a tie goes to the lower val_loss. `floor` (the linear
+    probe) is a candidate too, so the export is never worse than it."""
     candidates = []
+    if floor is not None:
+        candidates.append((floor.metrics[M.VAL_ACC], -floor.metrics[M.VAL_LOSS], None, None, floor))
     for result in results:
         for checkpoint, metrics in result.best_checkpoints or []:
             value = metrics.get(M.OBJECTIVE)
@@ -53,6 +56,8 @@ def find_best(results: ResultGrid) -> Best:
     if not candidates:
         raise UsageError("no trial produced a checkpoint; see the errors above")
     value, _, result, checkpoint, metrics = max(candidates, key=lambda c: (c[0], c[1]))
+    if result is None:
+        return metrics  # the floor itself
     return Best(
         trial_id=metrics.get("trial_id", result.path.rsplit("/", 1)[-1]),
         config=dict(result.config),

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import ExperimentAnalysis
 
+from tuning.app import probing
 from tuning.app.export import META_FILE
 from tuning.app.location import RunLocation
 from tuning.app.rundir import load_spec
@@ -63,7 +64,23 @@ def collect(location: RunLocation) -> pd.DataFrame:
             test_acc=exported.get("metrics", {}).get(M.TEST_ACC) if trial.trial_id == exported.get("trial_id") else None,
         )
         rows.append(row)
-    return pd.DataFrame(rows)
+    probe = probe_row(location.local, exported)
+    return pd.DataFrame([*([probe] if probe else []), *rows])
+
+
+def probe_row(run_dir: Path, exported: dict[str, Any]) -> dict[str, Any] | None:
+    """The linear probe, the search's first result (tuning.app.probing), as a row like a trial's."""
+    record = probing.load_record(run_dir)
+    if record is None:
+        return None
+    metrics, is_exported = record["metrics"], exported.get("trial_id") == record["trial_id"]
+    return {
+        "trial_id": record["trial_id"], **{f"hp_{k}": v for k, v in record["config"].items()},
+        "best_val_acc": metrics[M.VAL_ACC], "best_epoch": 0, "best_val_loss": metrics[M.VAL_LOSS],
+        "last_val_acc": metrics[M.VAL_ACC], "epochs_run": 0, "status": COMPLETED, "wall_time_s": record["seconds"],
+        "node_id": None, "exported": is_exported,
+        "test_acc": exported.get("metrics", {}).get(M.TEST_ACC) if is_exported else None,
+    }
 
 
 def _best_epoch(history: pd.DataFrame) -> pd.Series | None:

@@ -24,8 +24,10 @@ from trainables.finetune import finetune
 from trainables.inputs import TrialData
 from tuning.app.location import RunLocation
 from tuning.app.progress import StatusLine
+from tuning.app.sampler import CheapFirstTPE
 from tuning.lib import features, footprint
 from tuning.lib import metrics as M
+from tuning.lib.cost import epoch_costs
 from tuning.lib.data import decoded_store
 from tuning.lib.errors import UsageError
 from tuning.lib.files import file_digest
@@ -107,16 +109,21 @@ def feature_cache(
 
 def make_trainable(
     experiment: Experiment, placement: Placement, handle: decoded_store.StoreHandle, weights: Path | None,
-    trainable: Callable[..., None] = finetune,
+    trainable: Callable[..., None] = finetune, head_init: dict | None = None,
 ) -> tune.Trainable:
-    """`trainable` is `finetune` but for tests, which wrap it (to inject faults, say)."""
+    """`trainable` is `finetune` but for tests, which wrap it (to inject faults, say); `head_init`
+    is the linear probe's head, every trial's starting point."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    data = TrialData(decoded_store.share(handle, len(nodes) > 1), feature_cache(experiment, placement, handle, weights))
     need = footprint.measure(experiment.backbone, experiment.image_size, experiment.image_mode, experiment.gray_input)
+    cache = feature_cache(experiment, placement, handle, weights)
+    sizes = {name: len(split) for name, split in handle.open().splits.items()}
+    costs = epoch_costs(need, sizes["train"], sizes["val"], cache is not None)
+    data = TrialData(decoded_store.share(handle, len(nodes) > 1), cache, costs)
     largest_node = max(n.get("Resources", {}).get("memory", 0.0) for n in nodes)
     return tune.with_resources(
         tune.with_parameters(
-            trainable, experiment=experiment, data=data, weights=str(weights) if weights else None
+            trainable, experiment=experiment, data=data, weights=str(weights) if weights else None,
+            head_init=head_init,
         ),
         trial_resources(placement, need, largest_node),
     )
@@ -141,12 +148,13 @@ def trial_resources(
 
 
 def make_searcher(experiment: Experiment) -> OptunaSearch:
-    """TPE seeded by --seed; the seeds' hand recipe is enqueued as the first trial."""
+    """TPE seeded by --seed, its start-up trials cheap first (tuning.app.sampler); the seeds' hand
+    recipe is enqueued as the first trial."""
     return OptunaSearch(
         space=space_for(experiment),
         metric=M.OBJECTIVE,
         mode=M.MODE,
-        seed=experiment.seed,
+        sampler=CheapFirstTPE(seed=experiment.seed),
         points_to_evaluate=[dict(experiment.recipe)],
     )
 
@@ -157,15 +165,23 @@ def allow_checkpoint_per_epoch() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Trainable) -> tune.Tuner:
-    scheduler = ASHAScheduler(
-        time_attr=M.EPOCH,  # our own epoch counter survives restarts; training_iteration may not
+def make_scheduler(experiment: Experiment) -> ASHAScheduler:
+    """ASHA on compute spent, not epochs: a shallow trial is judged after the compute a deep one
+    spends in many epochs (tuning.lib.cost). Counted, so the same on a busy machine, and
+    restart-proof, unlike training_iteration. A trial ends at its last epoch or at `epochs` full
+    fine-tuning epochs of compute, whichever comes first."""
+    return ASHAScheduler(
+        time_attr=M.COST,
         metric=M.OBJECTIVE,
         mode=M.MODE,
         max_t=experiment.epochs,
         grace_period=experiment.grace_period,
         reduction_factor=experiment.reduction_factor,
     )
+
+
+def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Trainable) -> tune.Tuner:
+    scheduler = make_scheduler(experiment)
     location = placement.location(experiment)
     allow_checkpoint_per_epoch()
     return tune.Tuner(

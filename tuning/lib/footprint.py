@@ -15,11 +15,14 @@ On a GPU the activations live in GPU memory, so host memory is only the base.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
 import torch
 
+from tuning.lib.files import cache_root, write_atomic
 from tuning.lib.model import build_model
 
 GIB = 2**30
@@ -35,6 +38,8 @@ STEP_BYTES = GIB // 4
 class Footprint:
     base_bytes: int  # a worker before its first step, parameters and optimizer state included
     per_image: tuple[int, ...]  # bytes autograd saves per training image, by freeze depth
+    stage_flops: tuple[int, ...] = ()  # forward FLOPs of each stage, per image (tuning.lib.cost)
+    stage_values: tuple[int, ...] = ()  # values each stage outputs, per image; the input's first
 
     def trial_bytes(self, batch_size: int, freeze_depth: int, on_gpu: bool = False) -> int:
         activations = 0 if on_gpu else batch_size * self.per_image[freeze_depth]
@@ -62,7 +67,34 @@ def saved_bytes_per_image(model: torch.nn.Module, image_size: int, channels: int
     return sum(storages.values()) // images
 
 
+def stage_costs(model: torch.nn.Module, image_size: int, channels: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Forward FLOPs of each stage for one image (torch's FlopCounterMode), and the number of values
+    entering the first stage and leaving each one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops, values = [], [channels * image_size * image_size]
+    x = model._layout(torch.zeros(1, channels, image_size, image_size).expand(-1, model.in_repeat, -1, -1)
+                      if model.in_repeat > 1 else torch.zeros(1, channels, image_size, image_size))
+    model.eval()
+    with torch.no_grad():
+        for stage in model.stages:
+            with FlopCounterMode(display=False) as counter:
+                x = stage(x)
+            flops.append(counter.get_total_flops())
+            values.append(x.numel())
+    return tuple(flops), tuple(values)
+
+
 def measure(backbone: str, image_size: int, image_mode: str = "RGB", gray_input: str = "sum") -> Footprint:
+    """Measured once per machine and setting (a second or two), then read from the cache root."""
+    key = f"{backbone}-{image_size}-{image_mode}-{gray_input}-torch{torch.__version__}".replace("/", "_")
+    path = cache_root() / "footprint" / f"{key}.json"
+    try:
+        saved = json.loads(path.read_text())
+        return Footprint(saved["base_bytes"], tuple(saved["per_image"]), tuple(saved["stage_flops"]),
+                         tuple(saved["stage_values"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     model = build_model(backbone, 2, None, image_mode=image_mode, gray_input=gray_input)
     channels = 1 if image_mode == "L" else 3
     per_image = []
@@ -70,4 +102,8 @@ def measure(backbone: str, image_size: int, image_mode: str = "RGB", gray_input:
         model.freeze(depth)
         per_image.append(saved_bytes_per_image(model, image_size, channels))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return Footprint(WORKER_BASE_BYTES + 4 * params, tuple(per_image))
+    flops, values = stage_costs(model.freeze(0), image_size, channels)
+    found = Footprint(WORKER_BASE_BYTES + 4 * params, tuple(per_image), flops, values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(dataclasses.asdict(found)))
+    return found

@@ -4,6 +4,7 @@ VAL_ACC = "val_acc"
 VAL_LOSS = "val_loss"
 TRAIN_LOSS = "train_loss"
 EPOCH = "epoch"
+COST = "cost"  # compute spent so far, in full fine-tuning epochs (tuning.lib.cost): ASHA's fidelity
 IMAGES_PER_S = "images_per_s"
 TEST_ACC = "test_acc"
 NODE_ID = "node_id"  # the Ray node a result came from (a string, not plotted)

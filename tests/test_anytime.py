@@ -1,0 +1,122 @@
+"""The search's anytime mechanisms: the linear probe every trial starts from, the floor the export
+never falls below, and ASHA judging trials by compute spent."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.parquet as pq
+import torch
+
+from experiments import EXPERIMENTS, Experiment
+from tests.conftest import make_image_folder
+from tuning.app import probing
+from tuning.app.api import load_data
+from tuning.app.results import RESULTS_FILE
+from tuning.app.search import Placement, feature_cache, make_scheduler
+from tuning.lib.backbones import BACKBONES
+from tuning.lib.checkpoint import load_state
+from tuning.lib.cost import epoch_costs
+from tuning.lib.footprint import measure
+from tuning.lib.probe import fit_probe
+
+LITE0 = "efficientnet_lite0"
+
+
+def lite0_weights() -> Path:
+    return BACKBONES.get(LITE0).default_weights()
+
+
+def test_the_probe_is_a_fit_on_the_shared_cached_features(tiny_root, tiny_experiment):
+    handle, data = load_data(tiny_experiment, str(tiny_root))
+    cache = feature_cache(tiny_experiment, Placement(), handle, lite0_weights())
+    result, model = probing.fit(tiny_experiment, data, lite0_weights(), cache)
+    depth = BACKBONES.get(LITE0).num_stages
+    entries = {v: cache.entry(depth, v) for v in ("train-centre", "val")}
+    assert all(p.is_file() for p in entries.values()), entries  # shared with trials at full freeze
+    import numpy as np
+
+    x = {v: torch.from_numpy(np.load(p)) for v, p in entries.items()}
+    y = {"train-centre": torch.as_tensor(data.splits["train"].labels), "val": torch.as_tensor(data.splits["val"].labels)}
+    again = fit_probe(x["train-centre"], y["train-centre"], x["val"], y["val"], len(data.classes))
+    assert torch.equal(again.weight, result.probe.weight) and torch.equal(again.bias, result.probe.bias)
+    assert torch.equal(model.head.weight, result.probe.weight)
+    assert result.probe.val_acc == again.val_acc
+
+
+def test_each_trial_starts_from_the_probe_head_and_the_export_never_falls_below_it(ray_session, tmp_path, capsys):
+    """A recipe that wrecks the pretrained features in one epoch (SGD at 3e-2, head x100, nothing
+    frozen): the trial scores below the probe, so the probe is exported."""
+    import cloudpickle
+
+    import tests.recording
+    import tuning
+
+    cloudpickle.register_pickle_by_value(tests.recording)  # Ray's workers need not import tests/
+    make_image_folder(tmp_path / "data" / "mine", {"train": 10, "val": 8})
+    wreck = {"optimizer": "sgd", "lr": 3e-2, "head_lr_mult": 100.0, "freeze_depth": 0, "batch_size": 8,
+             "weight_decay": 1e-6}
+    experiment = Experiment(name="wreck", dataset=f"folder:{tmp_path / 'data' / 'mine'}", recipe=wreck)
+    heads = tmp_path / "heads"
+    result = tuning.search(experiment, samples=1, epochs=1, smoke_test=True, storage=str(tmp_path / "runs"),
+                           trainable=tests.recording.recording(str(heads)))
+    run_dir = Path(result.run_dir)
+    probe = json.loads((run_dir / probing.PROBE_FILE).read_text())
+    probe_head = load_state(run_dir / probing.PROBE_DIR)["model"]
+    (received,) = [pickle.loads(p.read_bytes()) for p in heads.glob("*.pkl")]
+    assert torch.equal(torch.tensor(received["weight"]), probe_head["head.weight"])
+    meta = json.loads((run_dir / "best" / "model.json").read_text())
+    table = pq.read_table(run_dir / RESULTS_FILE).to_pandas().set_index("trial_id")
+    trial = table.drop(index=probing.PROBE_ID).iloc[0]
+    assert trial.best_val_acc < probe["metrics"]["val_acc"], "the wrecking recipe did not score below the probe"
+    assert meta["trial_id"] == probing.PROBE_ID and meta["metrics"]["val_acc"] == probe["metrics"]["val_acc"]
+    assert result.best_trial_id == probing.PROBE_ID and result.best_val_acc == probe["metrics"]["val_acc"]
+    assert table.loc[probing.PROBE_ID, "exported"] and not trial.exported
+    assert f"linear probe: val_acc {probe['metrics']['val_acc']:.4f}" in capsys.readouterr().out
+    assert len(result.predict([next((tmp_path / "data" / "mine" / "val").rglob("*.jpg"))])) == 1
+
+
+def test_epoch_costs_fall_with_depth_and_count_an_uncached_prefix():
+    need = measure(LITE0, 64)
+    cached, uncached = epoch_costs(need, 200, 100, True), epoch_costs(need, 200, 100, False)
+    assert cached[0] == uncached[0] == 1.0
+    assert all(a >= b for a, b in zip(cached, cached[1:])) and cached[-1] == 0.0
+    # fully frozen without the cache: every epoch still runs the whole network forward
+    assert uncached[-1] > 0.2 and all(u >= c for u, c in zip(uncached, cached))
+
+
+def test_asha_judges_trials_after_equal_compute_not_equal_epochs():
+    experiment = dataclasses.replace(EXPERIMENTS.get("hymenoptera"), epochs=8, grace_period=1 / 3, reduction_factor=3)
+    scheduler = make_scheduler(experiment)
+    cheap, good, poor = (SimpleNamespace(trial_id=n) for n in ("cheap", "good", "poor"))
+    for trial in (cheap, good, poor):
+        scheduler.on_trial_add(None, trial)
+
+    def report(trial, epoch: int, per_epoch: float, acc: float) -> str:
+        return scheduler.on_trial_result(None, trial, {"cost": epoch * per_epoch, "val_acc": acc, "epoch": epoch})
+
+    # a deep trial (0.15 of a full epoch each) is first judged after 1/3 of one (epoch 3), then at 1 (epoch 7) ...
+    assert [report(cheap, e, 0.15, 0.9) for e in range(1, 9)] == ["CONTINUE"] * 8
+    assert scheduler._trial_info["cheap"]._rungs[-1][1] == {"cheap": 0.9}
+    # ... and an expensive one is judged at its first epoch, against the cheap one's value at that compute
+    assert report(poor, 1, 1.0, 0.7) == "STOP"
+    assert report(good, 1, 1.0, 0.95) == "CONTINUE"
+    assert report(good, 8, 1.0, 0.96) == "STOP"  # max_t: 8 full epochs of compute
+
+
+def test_start_up_trials_come_cheap_first_and_cover_every_depth():
+    from tuning.app.search import make_searcher
+
+    experiment = EXPERIMENTS.get("hymenoptera")
+    searcher = make_searcher(experiment)
+    depths = []
+    for i in range(13):
+        config = searcher.suggest(str(i))
+        depths.append(config["freeze_depth"])
+        searcher.on_trial_complete(str(i), {"val_acc": 0.5 + 0.01 * config["freeze_depth"]})
+    stages = BACKBONES.get(LITE0).num_stages
+    assert depths[0] == experiment.recipe["freeze_depth"]  # the recipe, enqueued
+    assert depths[1:11] == list(range(stages, stages - 10, -1))  # 9, 8, ..., 0: deepest (cheapest) first

@@ -109,10 +109,10 @@ def run_child(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, fl
     return start, time.perf_counter() - t0, peak[0] / 2**30
 
 
-def run_pair(args: argparse.Namespace, samples: int, epochs: int, seed: int, work: Path) -> dict:
+def run_pair(args: argparse.Namespace, samples: int, epochs: int, seed: int, arms: list[str], work: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out: dict = {"samples": samples, "epochs": epochs, "seed": seed}
-    for arm in args.arms.split(","):
+    for arm in arms:
         storage = work / f"{samples}x{epochs}-s{seed}-{arm}"
         common = ["--samples", str(samples), "--epochs", str(epochs), "--seed", str(seed),
                   "--data-root", str(args.data_root), "--storage", str(storage)]
@@ -172,8 +172,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--experiment", default="hymenoptera")
-    p.add_argument("--runs", default="8x3:0,8x3:1,8x3:2,32x8:0", help="SAMPLESxEPOCHS:SEED, comma-separated")
-    p.add_argument("--arms", default="ours,tutorial")
+    p.add_argument("--runs", default="8x3:0,8x3:1,8x3:2,32x8:0",
+                   help="SAMPLESxEPOCHS:SEED[:ARM+ARM], comma-separated (arms: ours, tutorial; default both)")
     p.add_argument("--storage", default=None, help="run dirs (default: a fresh temporary dir)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "anytime.json")
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: the tutorial arm's child process
@@ -186,10 +186,10 @@ def main() -> None:
     work = Path(args.storage or tempfile.mkdtemp(prefix="tuning-bench-anytime-"))
     runs = []
     for spec in args.runs.split(","):
-        size, seed = spec.split(":")
+        size, seed, *arms = spec.split(":")
         samples, epochs = (int(v) for v in size.split("x"))
         print(f"{samples} samples x {epochs} epochs, seed {seed}:", flush=True)
-        runs.append(run_pair(args, samples, epochs, int(seed), work))
+        runs.append(run_pair(args, samples, epochs, int(seed), arms[0].split("+") if arms else list(ARMS), work))
         summary = {"commit": commit(), "experiment": args.experiment, "versions": versions(), "runs": runs}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))  # after every run: a long benchmark keeps what it measured

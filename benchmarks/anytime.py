@@ -184,6 +184,7 @@ def main() -> None:
     if args.arm == "tutorial":
         return plain_search(args)
     work = Path(args.storage or tempfile.mkdtemp(prefix="tuning-bench-anytime-"))
+    work.mkdir(parents=True, exist_ok=True)
     runs = []
     for spec in args.runs.split(","):
         size, seed, *arms = spec.split(":")

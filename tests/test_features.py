@@ -87,6 +87,26 @@ def test_a_deeper_entry_starts_from_a_shallower_one_exactly(tmp_path):
     assert np.array_equal(from_shallow, direct)
 
 
+def test_a_deep_entry_leaves_the_shallower_ones_it_passed_exactly_as_they_would_be_computed(tmp_path):
+    data = random_dataset()
+    views, norm = TrainViews(32), Normalize((0.5,) * 3, (0.5,) * 3)
+    images = data.splits["train"].images
+
+    def raw(idx):
+        return norm(views.batch(images, list(idx), 0))
+
+    cache = FeatureCache("ns", 2**30, root=str(tmp_path))
+    cache.get(lite0(9), 9, "train-e0", 12, raw, also=(4, 7))
+    assert {p.name for p in tmp_path.glob("ns/*.npy")} == {"d4-train-e0.npy", "d7-train-e0.npy", "d9-train-e0.npy"}
+    for depth in (4, 7):
+        kept = np.load(cache.entry(depth, "train-e0"))
+        assert np.array_equal(kept, lite0(depth).frozen_features(raw(range(12))).numpy()), depth
+    # a cache with no room to spare keeps only what was asked for
+    tight = FeatureCache("ns", int(np.load(cache.entry(9, "train-e0")).nbytes * 1.1), root=str(tmp_path / "tight"))
+    tight.get(lite0(9), 9, "train-e0", 12, raw, also=(4, 7))
+    assert {p.name for p in (tmp_path / "tight").glob("ns/*.npy")} == {"d9-train-e0.npy"}
+
+
 class Counting(nn.Module):
     """A tiny frozen stage; every forward leaves a marker file, so computations can be counted."""
 

@@ -2,6 +2,7 @@
 training views, and, for a frozen prefix, the shared feature cache instead of the frozen stages."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -55,17 +56,35 @@ class TrialInputs:
         crops = eval_batch(self.train_split.images, self.val_x.shape[-1])
         return self._feed("train-centre", self.train_y, lambda idx: self._input(crops[list(idx)]))
 
-    def _worth_caching(self) -> bool:
-        """A prefix whose output is larger than its input (EfficientNet's stem and first block, at
-        2.7x and 1.3x) saves a few percent of the compute for more memory traffic than it saves."""
+    @functools.cached_property
+    def cacheable_depths(self) -> tuple[int, ...]:
+        """Depths whose prefix output is no larger than the input (fully frozen: the pooled vector).
+        A larger one (EfficientNet's stem and first block, at 2.7x and 1.3x) saves a few percent of
+        the compute for more memory traffic than it saves."""
         size = self.val_x.shape[1:]
-        probe = self.model.frozen_features(self._input(torch.zeros(1, *size, dtype=torch.uint8)))
-        return probe.numel() <= size.numel()
+        kept = self._outputs_through_all(self._input(torch.zeros(1, *size, dtype=torch.uint8)))
+        stages = len(self.model.stages)
+        return (*(d for d in range(1, stages) if kept[d].numel() <= size.numel()), stages)
+
+    def _outputs_through_all(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Every stage's output for `x`, in eval mode (no BatchNorm statistics move), no gradients."""
+        depth, training = self.model.freeze_depth, self.model.training
+        try:
+            self.model.eval()
+            self.model.freeze_depth = len(self.model.stages)
+            return self.model.frozen_features_keeping(x, keep=tuple(range(1, len(self.model.stages))))[1]
+        finally:
+            self.model.freeze_depth = depth
+            self.model.train(training)
+
+    def _worth_caching(self) -> bool:
+        return self.model.freeze_depth in self.cacheable_depths
 
     def _feed(self, view: str, labels: torch.Tensor, raw: Callable[[Sequence[int]], torch.Tensor]) -> Feed:
         model, depth = self.model, self.model.freeze_depth
         if depth > 0 and self.cache is not None and self._worth_caching():
-            features = self.cache.get(model, depth, view, len(labels), raw, forward_batch_size(self.device))
+            features = self.cache.get(model, depth, view, len(labels), raw, forward_batch_size(self.device),
+                                      also=tuple(d for d in self.cacheable_depths if d < depth))
             if features is not None:
                 if self.device.type == "cuda":  # one copy per epoch, then batches never leave the GPU
                     resident = as_tensor(np.ascontiguousarray(features)).to(self.device)

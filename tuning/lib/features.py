@@ -12,7 +12,9 @@ larger than the whole limit is not cached (its trial computes the prefix as it g
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -53,10 +55,14 @@ class FeatureCache:
         return self.base / self.namespace / f"d{depth}-{view}.npy"
 
     def get(
-        self, model: torch.nn.Module, depth: int, view: str, count: int, inputs: Inputs, batch_size: int = 16
+        self, model: torch.nn.Module, depth: int, view: str, count: int, inputs: Inputs, batch_size: int = 16,
+        also: tuple[int, ...] = (),
     ) -> np.ndarray | None:
         """The depth-`depth` features of `count` images (memory-mapped, read-only), or None when
-        they cannot fit under the limit."""
+        they cannot fit under the limit. Computing them passes through every shallower depth: those
+        in `also` that are not cached yet are written on the way, where they fit without evicting
+        anything, so that a trial at such a depth later finds them (the search tries deep, cheap
+        depths first, tuning.app.sampler)."""
         path = self.entry(depth, view)
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
@@ -64,20 +70,30 @@ class FeatureCache:
                 os.utime(path)  # recently used
                 return np.load(path, mmap_mode="r")
             start, source = self.deepest_below(depth, view)
-            batches = prefix_batches(model, start, source, count, inputs, batch_size)
-            first = next(batches)
+            keep = tuple(d for d in also if start < d < depth and not self.entry(d, view).is_file())
+            batches = prefix_batches(model, start, source, count, inputs, batch_size, keep)
+            first, first_kept = next(batches)
             shape = (count, *first.shape[1:])
             if not self.reserve(int(np.prod(shape)) * 4):
                 return None
-            with atomic_path(path) as tmp:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-                out[: len(first)] = first
-                done = len(first)
-                for block in batches:
-                    out[done : done + len(block)] = block
+            extra, pending = {}, int(np.prod(shape)) * 4  # the entry asked for is not on disk yet
+            for d, a in first_kept.items():
+                size = int(np.prod((count, *a.shape[1:]))) * 4
+                if self.reserve(pending + size, evict=False):
+                    extra[d], pending = (count, *a.shape[1:]), pending + size
+            with contextlib.ExitStack() as stack:
+                outs = {None: (path, shape), **{d: (self.entry(d, view), s) for d, s in extra.items()}}
+                maps = {k: np.lib.format.open_memmap(stack.enter_context(atomic_path(p)), mode="w+",
+                                                     dtype=np.float32, shape=s) for k, (p, s) in outs.items()}
+                done = 0
+                for block, kept in itertools.chain([(first, first_kept)], batches):
+                    maps[None][done : done + len(block)] = block
+                    for d in extra:
+                        maps[d][done : done + len(block)] = kept[d]
                     done += len(block)
-                out.flush()
-                del out
+                for out in maps.values():
+                    out.flush()
+                maps.clear()
             return np.load(path, mmap_mode="r")
 
     def deepest_below(self, depth: int, view: str) -> tuple[int, np.ndarray | None]:
@@ -91,14 +107,17 @@ class FeatureCache:
                     continue
         return 0, None
 
-    def reserve(self, size: int) -> bool:
-        """Make room for `size` bytes, evicting least recently used entries; False if it can never fit."""
+    def reserve(self, size: int, evict: bool = True) -> bool:
+        """Make room for `size` bytes, evicting least recently used entries; False if it can never
+        fit (or, with `evict=False`, if it does not fit now)."""
         if size > self.limit_bytes:
             return False
         self.base.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.base / "budget.lock")):
             files = sorted(self._files(), key=lambda f: f[1])
             used = sum(s for _, _, s in files)
+            if not evict:
+                return used + size <= self.limit_bytes
             for path, _, s in files:
                 if used + size <= self.limit_bytes:
                     break
@@ -121,11 +140,14 @@ class FeatureCache:
 
 
 def prefix_batches(
-    model: torch.nn.Module, start: int, source: np.ndarray | None, count: int, inputs: Inputs, batch_size: int
-) -> Iterator[np.ndarray]:
-    """The frozen prefix's output, batch by batch, from the inputs or from a shallower entry."""
+    model: torch.nn.Module, start: int, source: np.ndarray | None, count: int, inputs: Inputs, batch_size: int,
+    keep: tuple[int, ...] = (),
+) -> Iterator[tuple[np.ndarray, dict[int, np.ndarray]]]:
+    """The frozen prefix's output, batch by batch, from the inputs or from a shallower entry, and
+    the outputs at the depths in `keep` on the way."""
     device = next(model.parameters()).device
     for i in range(0, count, batch_size):
         idx = range(i, min(count, i + batch_size))
         x = torch.from_numpy(np.array(source[i : idx.stop])).to(device) if source is not None else inputs(idx)
-        yield model.frozen_features(x, start=start).float().cpu().numpy()
+        out, kept = model.frozen_features_keeping(x, start=start, keep=keep)
+        yield out.float().cpu().numpy(), {d: t.float().cpu().numpy() for d, t in kept.items()}

@@ -64,13 +64,23 @@ class FineTuneNet(nn.Module):
         """The frozen prefix's output: what tuning.lib.features caches and shares between trials.
         `start` > 0 continues from stage `start`'s input (a shallower cached prefix). Fully frozen,
         the parameter-free pooling belongs to the prefix too: 1280 values an image instead of 62720."""
+        return self.frozen_features_keeping(x, start)[0]
+
+    def frozen_features_keeping(
+        self, x: torch.Tensor, start: int = 0, keep: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`frozen_features`, and on the way the output at each shallower depth in `keep`: what a
+        model frozen that deep would compute, by the very same operations."""
         if start == 0 and self.in_repeat > 1:
             x = x.expand(-1, self.in_repeat, -1, -1)
         x = self._layout(x)
+        kept = {}
         with torch.no_grad():
-            for stage in self.stages[start : self.freeze_depth]:
+            for depth, stage in enumerate(self.stages[start : self.freeze_depth], start + 1):
                 x = stage(x)
-            return self.pool(x) if self.fully_frozen else x
+                if depth in keep and depth < len(self.stages):
+                    kept[depth] = x
+            return (self.pool(x) if self.fully_frozen else x), kept
 
     def trainable_forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self._layout(features)

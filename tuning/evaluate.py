@@ -18,7 +18,7 @@ from tuning.lib.errors import UsageError, exit_on_usage_error
 
 def evaluate(export_dir: Path, folder: Path | None = None, *, data_root: str | None = None,
              split: str | None = None, out: Path | None = None) -> tuple[Scored, list[Path]]:
-    """Score, then write the two PNGs to `out` (default: `eval-<split or folder name>` beside the export)."""
+    """Score, then write the two PNGs to `out` (default: `eval-SPLIT` or `eval-folder-NAME` beside the export)."""
     predictor = load(export_dir)
     if folder is not None:
         if split is not None:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", type=Path, nargs="?", help="labelled images: FOLDER/CLASS/IMAGE (default: the run's split)")
     parser.add_argument("--split", choices=("train", "val", "test"), help="the run's split to score (default: test, else val)")
     parser.add_argument("--data-root", help="folder holding the datasets (default: $TUNING_DATA_ROOT, else ./data)")
-    parser.add_argument("--out", type=Path, help="where the PNGs go (default: eval-SPLIT or eval-FOLDERNAME beside the export)")
+    parser.add_argument("--out", type=Path, help="where the PNGs go (default: eval-SPLIT or eval-folder-NAME beside the export)")
     args = parser.parse_args(argv)
     with exit_on_usage_error("tuning.evaluate"):
         scored, pngs = evaluate(args.export_dir, args.folder, data_root=args.data_root, split=args.split, out=args.out)

@@ -35,7 +35,7 @@ class Labelled:
     labels: np.ndarray
     read: Reader
     source: str  # what they are, for titles and messages
-    tag: str  # a short name for them: the split, or the folder's name
+    tag: str  # a short name for them: the split ("val"), or "folder-" and the folder's name
 
 
 @dataclass
@@ -96,7 +96,7 @@ def folder_images(folder: Path, predictor: Predictor) -> Labelled:
     labels = np.asarray([predictor.classes.index(found[item.label]) for item in items], dtype=np.int64)
     meta = predictor.meta
     read = lambda ref: decode(ref, meta["resize"], meta.get("image_mode", "RGB"))  # noqa: E731
-    return Labelled([item.ref for item in items], labels, read, str(folder), folder.name)
+    return Labelled([item.ref for item in items], labels, read, str(folder), f"folder-{folder.name}")
 
 
 def run_experiment(export_dir: Path, meta: dict) -> Experiment:

@@ -32,7 +32,8 @@ def confusion_png(scored: Scored, out: Path, title: str | None = None) -> Path:
         scored.images.labels, scored.predicted, labels=list(range(k)), display_labels=scored.classes,
         ax=ax, cmap="Blues", colorbar=False, include_values=k <= 20, xticks_rotation="vertical" if k > 6 else "horizontal",
     )
-    ax.set_title(title or f"{scored.images.source}: accuracy {scored.accuracy:.4f} ({len(scored.probs)} images)")
+    ax.set_title(title or f"{scored.images.source}\naccuracy {scored.accuracy:.4f} ({len(scored.probs)} images)",
+                 fontsize=10)
     fig.tight_layout()
     return save(fig, out)
 

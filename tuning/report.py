@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tuning.app.location import RunLocation, is_uri  # noqa: E402
 from tuning.app.predictor import load  # noqa: E402
 from tuning.app.rundir import SPEC_FILE, load_spec  # noqa: E402
 from tuning.lib import metrics as M  # noqa: E402
+from tuning.lib.data.fetch import DATA_ROOT_ENV  # noqa: E402
 from tuning.lib.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 
@@ -121,8 +123,12 @@ def plot_importance(scores: dict[str, float], out: Path) -> None:
 
 def val_confusion(export_dir: Path, data_root: str | None, out: Path) -> Path | None:
     """The exported model's confusion matrix on the run's val split, the split its val_acc was
-    measured on. None while nothing is exported; a warning when the data is not on this machine."""
+    measured on. None while nothing is exported; a warning when the data is not on this machine.
+    Only with a data root named (flag or environment): a report never downloads a dataset."""
     if not (export_dir / META_FILE).is_file():
+        return None
+    if not (data_root or os.environ.get(DATA_ROOT_ENV)):
+        print(f"note: no val confusion matrix without the data: pass --data-root or set {DATA_ROOT_ENV}", file=sys.stderr)
         return None
     try:
         predictor = load(export_dir)

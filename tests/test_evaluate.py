@@ -39,7 +39,7 @@ def test_val_split_accuracy_is_the_exports_val_acc(finished_export, tiny_root, t
 def test_folder_agrees_with_predict(finished_export, tiny_root, tmp_path):
     folder = tiny_root / "tiny" / "val"
     out = subprocess.run([sys.executable, "-m", "tuning.evaluate", str(finished_export), str(folder),
-                          "--out", str(tmp_path / "eval")], capture_output=True, text=True, timeout=300)
+                          "--out", str(tmp_path / "eval")], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     files = sorted(folder.rglob("*.*"))
     predicted = tuning.load(finished_export).predict(files)
@@ -71,7 +71,7 @@ def test_bad_paths_are_one_line_errors(finished_export, tiny_root, tmp_path, cas
         (tmp_path / "file").write_text("keep me")
         extra = ["--out", str(tmp_path / "file")]
     out = subprocess.run([sys.executable, "-m", "tuning.evaluate", export, folder, *extra],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("tuning.evaluate: error: ") and message.format(tmp=tmp_path) in last, out.stderr

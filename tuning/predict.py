@@ -1,29 +1,54 @@
-"""`python -m tuning.predict EXPORT_DIR IMAGE...`: label images with an exported model.
+"""`python -m tuning.predict EXPORT_DIR PATH...`: label images with an exported model.
 
-Prints one line per image: path, label, probability (tab-separated)."""
+PATHs are image files or folders (their images, recursively). Prints one line per image: path,
+label, probability (tab-separated); `--csv FILE` also writes them as CSV (path,label,probability)."""
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import sys
 from pathlib import Path
 
-from tuning.app.predictor import load
-from tuning.lib.errors import exit_on_usage_error
+from tuning.app.predictor import image_files, load
+from tuning.lib.errors import UsageError, exit_on_usage_error
+from tuning.lib.files import write_atomic
 
 
-def predict(export_dir: Path, images: list[Path]) -> list[tuple[str, str, float]]:
-    rows = load(export_dir).predict(images)
+def predict(export_dir: Path, paths: list[Path], batch_size: int = 32) -> list[tuple[str, str, float]]:
+    images = image_files(paths)
+    predictor = load(export_dir)
+    predictor.batch_size = batch_size
+    rows = predictor.predict(images)
     return [(str(path), label, prob) for path, (label, prob) in zip(images, rows)]
+
+
+def write_csv(path: Path, rows: list[tuple[str, str, float]]) -> None:
+    if not path.parent.is_dir():
+        raise UsageError(f"--csv {path}: folder {path.parent} not found")
+    out = io.StringIO()  # written whole afterwards: never half a file
+    csv.writer(out, lineterminator="\n").writerows(
+        [["path", "label", "probability"], *[[p, label, f"{prob:.6f}"] for p, label, prob in rows]])
+    write_atomic(path, out.getvalue())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tuning.predict", description=__doc__.split("\n")[0])
     parser.add_argument("export_dir", type=Path, help="an export, e.g. runs/hymenoptera/best")
-    parser.add_argument("images", type=Path, nargs="+", help="image files to label")
+    parser.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
+    parser.add_argument("--csv", type=Path, help="also write path,label,probability rows to this file")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     args = parser.parse_args(argv)
     with exit_on_usage_error("tuning.predict"):
-        for path, label, prob in predict(args.export_dir, args.images):
-            print(f"{path}\t{label}\t{prob:.4f}")
+        if args.batch_size <= 0:
+            raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
+        rows = predict(args.export_dir, args.images, args.batch_size)
+        if args.csv:
+            write_csv(args.csv, rows)
+    for path, label, prob in rows:
+        print(f"{path}\t{label}\t{prob:.4f}")
+    if args.csv:
+        print(f"wrote {args.csv}", file=sys.stderr)
     sys.stdout.flush()
 
 

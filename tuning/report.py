@@ -1,10 +1,12 @@
 """`python -m tuning.report RUN_DIR`: a ranked table and plots of a finished, running or resumed
-search: val_acc per epoch for every trial, val_acc against each hyperparameter, and the
-hyperparameters' importance (Optuna's fANOVA)."""
+search: val_acc per epoch for every trial, val_acc against each hyperparameter, the
+hyperparameters' importance (Optuna's fANOVA) and the exported trial's val confusion matrix."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -19,10 +21,15 @@ from ray.tune import ExperimentAnalysis  # noqa: E402
 from experiments.base import Experiment  # noqa: E402
 from search_spaces import space_for  # noqa: E402
 from tuning.app import results  # noqa: E402
+from tuning.app.evaluation import score, split_images  # noqa: E402
+from tuning.app.export import META_FILE  # noqa: E402
+from tuning.app.figures import confusion_png  # noqa: E402
 from tuning.app.location import RunLocation, is_uri  # noqa: E402
+from tuning.app.predictor import load  # noqa: E402
 from tuning.app.probing import PROBE_ID, PROBE_ONLY  # noqa: E402
 from tuning.app.rundir import SPEC_FILE, load_spec  # noqa: E402
 from tuning.lib import metrics as M  # noqa: E402
+from tuning.lib.data.fetch import DATA_ROOT_ENV  # noqa: E402
 from tuning.lib.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 
@@ -115,7 +122,27 @@ def plot_importance(scores: dict[str, float], out: Path) -> None:
     plt.close(fig)
 
 
-def report(location: RunLocation) -> tuple[pd.DataFrame, list[Path]]:
+def val_confusion(export_dir: Path, data_root: str | None, out: Path) -> Path | None:
+    """The exported model's confusion matrix on the run's val split, the split its val_acc was
+    measured on. None while nothing is exported; a warning when the data is not on this machine.
+    Only with a data root named (flag or environment): a report never downloads a dataset."""
+    if not (export_dir / META_FILE).is_file():
+        return None
+    if not (data_root or os.environ.get(DATA_ROOT_ENV)):
+        print(f"note: no val confusion matrix without the data: pass --data-root or set {DATA_ROOT_ENV}", file=sys.stderr)
+        return None
+    try:
+        predictor = load(export_dir)
+        scored = score(predictor, split_images(export_dir, predictor, data_root, "val"))
+    except UsageError as err:
+        print(f"warning: no val confusion matrix: {err}", file=sys.stderr)
+        return None
+    title = (f"exported trial {predictor.meta['trial_id']}, {scored.images.source}:\n"
+             f"accuracy {scored.accuracy:.4f} ({len(scored.probs)} images)")
+    return confusion_png(scored, out, title)
+
+
+def report(location: RunLocation, data_root: str | None = None) -> tuple[pd.DataFrame, list[Path]]:
     location.pull(SPEC_FILE, "best")
     if not (location.local / SPEC_FILE).is_file():
         raise UsageError(f"{location.uri} is not a run dir (no {SPEC_FILE})")
@@ -129,6 +156,9 @@ def report(location: RunLocation) -> tuple[pd.DataFrame, list[Path]]:
     if scores:
         pngs.append(location.local / "hparam_importance.png")
         plot_importance(scores, pngs[-1])
+    matrix = val_confusion(location.local / "best", data_root, location.local / "val_confusion_matrix.png")
+    if matrix is not None:
+        pngs.append(matrix)
     location.push(*(p.name for p in pngs))
     return table, pngs
 
@@ -152,9 +182,11 @@ def location_of(run_dir: str) -> RunLocation:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tuning.report", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run dir: a path, or a URI such as s3://bucket/runs/NAME")
+    parser.add_argument("--data-root", help="folder holding the datasets, for the val confusion matrix "
+                        "(default: $TUNING_DATA_ROOT, else ./data)")
     args = parser.parse_args(argv)
     with exit_on_usage_error("tuning.report"):
-        table, pngs = report(location_of(args.run_dir))
+        table, pngs = report(location_of(args.run_dir), args.data_root)
     print(format_table(table))
     for png in pngs:
         print(f"wrote {png}")

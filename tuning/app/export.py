@@ -1,8 +1,10 @@
 """The best trial's best epoch, as a self-contained model directory that `tuning.predict` loads.
 
-`<run dir>/best/` holds `model.pt` (a plain state dict: loads with weights_only=True) and
-`model.json` (everything needed to rebuild the network and preprocess an image). It is written
-to a temporary directory and renamed into place, so a crash never leaves half an export."""
+`<run dir>/best/` holds `model.pt` (a plain state dict: loads with weights_only=True),
+`model.json` (everything needed to rebuild the network and preprocess an image), `model.onnx`
+(tuning.app.onnx_export: for runtimes without PyTorch) and `model_plain.pt` (the state dict under
+timm's/torchvision's own key names, tuning.lib.plain). It is written to a temporary directory and
+renamed into place, so a crash never leaves half an export."""
 from __future__ import annotations
 
 import json
@@ -19,6 +21,7 @@ import torch
 from ray.tune import ResultGrid
 
 from experiments.base import Experiment
+from tuning.app.onnx_export import ONNX_FILE, onnx_meta, write_onnx
 from tuning.lib import metrics as M
 from tuning.lib.backbones import BACKBONES
 from tuning.lib.checkpoint import Feed, evaluate, load_state
@@ -27,9 +30,11 @@ from tuning.lib.data.transforms import Normalize, eval_batch, resize_for
 from tuning.lib.errors import UsageError
 from tuning.lib.files import write_atomic
 from tuning.lib.model import FineTuneNet, build_model
+from tuning.lib.plain import plain_constructor, to_plain
 
 MODEL_FILE = "model.pt"
 META_FILE = "model.json"
+PLAIN_FILE = "model_plain.pt"
 
 
 @dataclass(frozen=True)
@@ -82,12 +87,16 @@ def export(best: Best, experiment: Experiment, classes: list[str], run_dir: Path
         "trial_id": best.trial_id,
         "experiment": experiment.name,
     }
+    meta["onnx"] = onnx_meta(meta)
+    meta["plain"] = plain_meta(meta)
     state = load_state(best.checkpoint_path)["model"]
     versions = run_dir / ".exports"
     versions.mkdir(parents=True, exist_ok=True)
     version = Path(tempfile.mkdtemp(prefix="best-", dir=versions))
     try:
         torch.save(state, version / MODEL_FILE)
+        torch.save(to_plain(state, experiment.backbone), version / PLAIN_FILE)
+        write_onnx(*rebuild(meta, state), meta, version / ONNX_FILE)
         (version / META_FILE).write_text(json.dumps(meta, indent=2))
         swap_link(run_dir / "best", version)
     except BaseException:
@@ -119,16 +128,34 @@ def add_metrics(export_dir: Path, extra: dict[str, float]) -> None:
     write_atomic(meta_path, json.dumps(meta, indent=2))
 
 
+def plain_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """How model_plain.pt loads without this package, for model.json."""
+    repeat = meta["image_mode"] == "L" and meta["gray_input"] == "repeat"
+    return {
+        "file": PLAIN_FILE,
+        "build": plain_constructor(meta),
+        "load": f"net.load_state_dict(torch.load({PLAIN_FILE!r}, weights_only=True), strict=True)",
+        "input": "float NCHW crops as for model.onnx, scaled to 0..1 and normalised with `mean` and `std`"
+                 + (" (gray: their averages), the gray channel repeated 3 times" if repeat else ""),
+    }
+
+
+def rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[FineTuneNet, Normalize]:
+    """The eval-mode network and its normalisation, from model.json's fields and a state dict."""
+    mode = meta.get("image_mode", "RGB")
+    model = build_model(meta["backbone"], len(meta["classes"]), weights=None, image_mode=mode,
+                        gray_input=meta.get("gray_input", "sum"))
+    model.load_state_dict(state)
+    return model.eval(), Normalize.for_mode(tuple(meta["mean"]), tuple(meta["std"]), mode)
+
+
 def load_exported(export_dir: Path) -> tuple[FineTuneNet, dict[str, Any], Normalize]:
     meta_path, model_path = export_dir / META_FILE, export_dir / MODEL_FILE
     if not meta_path.is_file() or not model_path.is_file():
         raise UsageError(f"{export_dir} is not an export: it lacks {META_FILE} or {MODEL_FILE}")
     meta = json.loads(meta_path.read_text())
-    mode = meta.get("image_mode", "RGB")
-    model = build_model(meta["backbone"], len(meta["classes"]), weights=None, image_mode=mode,
-                        gray_input=meta.get("gray_input", "sum"))
-    model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    return model.eval(), meta, Normalize.for_mode(tuple(meta["mean"]), tuple(meta["std"]), mode)
+    model, norm = rebuild(meta, torch.load(model_path, map_location="cpu", weights_only=True))
+    return model, meta, norm
 
 
 def score_on_test(export_dir: Path, test: Split) -> float:

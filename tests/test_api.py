@@ -1,0 +1,86 @@
+"""The Python API: `tuning.search` as a notebook would call it, twice in one process, and
+`tuning.load(...).predict` against `python -m tuning.predict`."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import ray
+
+import tuning
+from tests.conftest import make_image_folder
+
+
+@pytest.fixture(scope="module")
+def two_searches(ray_session, tiny_root, tiny_experiment, tmp_path_factory):
+    """A `folder:PATH` search with a test split, then an `Experiment` built in Python, in one process;
+    what they print is kept as a notebook cell would show it (stdout is no terminal)."""
+    node = ray.get_runtime_context().get_node_id()
+    folder = make_image_folder(tmp_path_factory.mktemp("own") / "mine", {"train": 6, "val": 4, "test": 4})
+    storage = tmp_path_factory.mktemp("api-runs")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        first = tuning.search(f"folder:{folder}", smoke_test=True, samples=2, epochs=1, storage=str(storage), seed=1)
+        second = tuning.search(dataclasses.replace(tiny_experiment, samples=2, epochs=1), storage=str(storage),
+                               name="second", data_root=str(tiny_root), seed=2)
+    return first, second, folder, node, printed.getvalue()
+
+
+def test_two_searches_in_one_process_reuse_ray(two_searches):
+    first, second, _, node, printed = two_searches
+    assert first.export_dir != second.export_dir and first.trials == second.trials == 2
+    assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node  # never restarted
+    assert "trials 2/2 done" in printed and "\r" not in printed and "\x1b[" not in printed
+
+
+def test_result_fields_match_results_and_export(two_searches):
+    for result, has_test in zip(two_searches[:2], (True, False)):
+        table = result.results
+        exported = table[table["exported"]].iloc[0]
+        meta = json.loads((result.export_dir / "model.json").read_text())
+        assert result.best_val_acc == exported["best_val_acc"] == meta["metrics"]["val_acc"] == table["best_val_acc"].max()
+        assert result.best_trial_id == exported["trial_id"] == meta["trial_id"]
+        assert result.best_config == meta["hparams"] == {c[3:]: exported[c] for c in table.columns if c.startswith("hp_")}
+        assert len(table) == result.trials
+        if has_test:
+            assert result.test_acc is not None and result.test_acc == meta["metrics"]["test_acc"] == exported["test_acc"]
+            assert result.test_images == 8
+        else:
+            assert result.test_acc is None and "test_acc" not in meta["metrics"]
+
+
+def test_load_predict_equals_the_predict_command(two_searches, tmp_path):
+    first, _, folder, _, _ = two_searches
+    files = sorted((folder / "val").rglob("*.*"))
+    ours = tuning.load(first.export_dir).predict(files)
+    assert first.predict(files) == ours
+    out = tmp_path / "p.csv"
+    cli = subprocess.run([sys.executable, "-m", "tuning.predict", str(first.export_dir), str(folder / "val"),
+                          "--csv", str(out), "--batch-size", "3"], capture_output=True, text=True, timeout=900)
+    assert cli.returncode == 0, cli.stderr
+    lines = [line.split("\t") for line in cli.stdout.strip().splitlines()]
+    assert [p for p, _, _ in lines] == [str(f) for f in files]  # the folder, recursively, sorted
+    assert [(label, prob) for _, label, prob in lines] == [(label, f"{p:.4f}") for label, p in ours]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    assert all(r["label"] == label and abs(float(r["probability"]) - p) < 1e-6 for r, (label, p) in zip(rows, ours))
+
+
+def test_bad_experiment_raises_the_cli_message(tmp_path):
+    with pytest.raises(tuning.UsageError, match="^unknown experiment 'nosuch'; valid: hotdog, hymenoptera"):
+        tuning.search("nosuch", storage=str(tmp_path / "runs"))
+    with pytest.raises(tuning.UsageError, match="unknown option 'sampels'"):
+        tuning.search("hymenoptera", sampels=3)
+    # the same line as the command's, both in a fresh process (this one has registered `tiny`)
+    api = subprocess.run([sys.executable, "-c", "import tuning\ntry:\n    tuning.search('nosuch')\n"
+                          "except tuning.UsageError as err:\n    print(err)"], capture_output=True, text=True, timeout=900)
+    cli = subprocess.run([sys.executable, "-m", "tuning.run", "nosuch", "--storage", str(tmp_path / "runs")],
+                         capture_output=True, text=True, timeout=900)
+    assert cli.returncode == 2 and api.returncode == 0, api.stderr
+    assert cli.stderr.strip().splitlines()[-1] == f"tuning.run: error: {api.stdout.strip()}"
+    assert not (tmp_path / "runs").exists()

@@ -26,6 +26,7 @@ from tuning.app.rundir import (
     check_same_experiment,
     check_storage,
     prune_unknown_trials,
+    run_dir_writes,
     save_spec,
 )
 from tuning.app.search import (
@@ -187,16 +188,18 @@ def search(experiment: str | Experiment, *, trainable: Callable[..., None] | Non
         prune_unknown_trials(location)
         tuner = restore_tuner(location.uri, wrapped)
     else:
-        save_spec(location.local, experiment, data.classes)
-        location.push(SPEC_FILE)
+        with run_dir_writes(location, searched=False):
+            save_spec(location.local, experiment, data.classes)
+            location.push(SPEC_FILE)
         tuner = build_tuner(experiment, placement, wrapped)
     grid = tuner.fit()
     best = find_best(grid)
-    export_dir = export(best, experiment, data.classes, location.local)
     test = data.splits.get("test")
-    test_acc = score_on_test(export_dir, test) if test is not None else None
-    location.push("best")
-    table = results.write(location)
+    with run_dir_writes(location, searched=True):
+        export_dir = export(best, experiment, data.classes, location.local)
+        test_acc = score_on_test(export_dir, test) if test is not None else None
+        location.push("best")
+        table = results.write(location)
     errors = [(r.path.rsplit("_", 1)[-1], str(r.error).strip().splitlines()[-1][:200]) for r in grid if r.error is not None]
     return SearchResult(
         best_config=dict(best.config), best_val_acc=float(best.metrics["val_acc"]), best_epoch=int(best.metrics["epoch"]),

@@ -112,6 +112,8 @@ def make_trainable(
     """`trainable` is `finetune` but for tests, which wrap it (to inject faults, say)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     data = TrialData(decoded_store.share(handle, len(nodes) > 1), feature_cache(experiment, placement, handle, weights))
+    if data.cache is not None:
+        data.cache.check()  # once, here: a trial's warning would only reach its log
     need = footprint.measure(experiment.backbone, experiment.image_size, experiment.image_mode, experiment.gray_input)
     largest_node = max(n.get("Resources", {}).get("memory", 0.0) for n in nodes)
     return tune.with_resources(

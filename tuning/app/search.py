@@ -24,6 +24,7 @@ from trainables.finetune import finetune
 from trainables.inputs import TrialData
 from tuning.app.location import RunLocation
 from tuning.app.progress import StatusLine
+from tuning.app.syncing import tolerate_vanishing_files
 from tuning.lib import features, footprint
 from tuning.lib import metrics as M
 from tuning.lib.data import decoded_store
@@ -157,6 +158,7 @@ def allow_checkpoint_per_epoch() -> None:
     """One checkpoint kept per trial forces a state snapshot at each report; Ray warns about that
     on every epoch, which is the intended behaviour here."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    tolerate_vanishing_files()  # one snapshot per epoch makes Ray's syncing race likely (tuning.app.syncing)
 
 
 def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Trainable) -> tune.Tuner:

@@ -56,15 +56,22 @@ class StoreHandle:
         path = Path(self.path)
         if not path.is_file():  # another node: its own cache dir
             path = cache_root() / "store" / f"{self.key}.arrow"
-        if not path.is_file() and self.ref is not None:
-            import ray
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(path) + ".lock"):
-                if damage(path) is not None:
-                    write_atomic(path, memoryview(ray.get(self.ref)))
-                    seal(path)
+        if self.ref is not None and (path != Path(self.path) or not path.is_file()):  # the driver checked its own
+            fetch_copy(str(path), self.ref)
         return open_store(str(path))
+
+
+@lru_cache(maxsize=4)  # checked in full once per process, as the driver checks its own copy once per run
+def fetch_copy(path_str: str, ref: object) -> None:
+    """This node's copy of the store, written from the object store unless a sound one is here."""
+    import ray
+
+    path = Path(path_str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if damage(path) is not None:
+            write_atomic(path, memoryview(ray.get(ref)))
+            seal(path)
 
 
 def build(listing: Listing, resize: int, mode: str, root: Path | None = None) -> StoreHandle:

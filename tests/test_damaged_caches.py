@@ -12,10 +12,10 @@ import pandas as pd
 from tests.test_faults import data_root  # noqa: F401  (the fixture)
 
 
-def search(data_root: Path, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+def search(root: Path, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TUNING_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "tuning.run", "hymenoptera", "--smoke-test", "--samples", "2", "--epochs", "1",
-           "--data-root", str(data_root), "--storage", str(tmp_path / "runs"), "--name", name]
+           "--data-root", str(root), "--storage", str(tmp_path / "runs"), "--name", name]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
 
 

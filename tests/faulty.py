@@ -4,7 +4,9 @@
 
 runs `tuning.run` with `trainables.finetune.finetune` wrapped. FAULT is KIND[,PARAM=VALUE]:
 `nan` makes the head's weights NaN so every loss is NaN; `raise@E` raises at the start of epoch E
-on a trial's first attempt only (a retry can succeed); `raise-always@E` on every attempt. With
+on a trial's first attempt only (a retry can succeed); `raise-always@E` on every attempt; `kill@E`
+and `kill-always@E` the same with SIGKILL to the trial's own process, as the OOM killer does it;
+`block-export` puts a plain file where the run dir's `.exports` folder goes. With
 `,PARAM=VALUE` only trials whose hyperparameter PARAM has that value are hit. The first-attempt
 marker is keyed by trial id in MARKER_DIR, not in get_trial_dir(): Ray 2.60 gives a retried
 trial a different dir when it lands on a reused actor, so a marker there would be missed.
@@ -13,6 +15,8 @@ Run as `__main__`, the wrapper is pickled by value into Ray's workers."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +35,9 @@ def start_epoch() -> int:
         return int(load_state(path)["epoch"])
 
 
+FAULTS = ("raise", "raise-always", "kill", "kill-always")
+
+
 def faulty(spec: str, marker_dir: str) -> Callable[..., None]:
     kind, _, condition = spec.partition(",")
     kind, _, at = kind.partition("@")
@@ -46,11 +53,16 @@ def faulty(spec: str, marker_dir: str) -> Callable[..., None]:
         def train_one_epoch(model, *args, **kw):
             if kind == "nan":
                 model.head.weight.data.fill_(math.nan)
-            elif epoch[0] == int(at) and (kind == "raise-always" or not marker.exists()):
+            elif kind in FAULTS and epoch[0] == int(at) and (kind.endswith("-always") or not marker.exists()):
                 marker.touch()
+                if kind.startswith("kill"):
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected fault in epoch {epoch[0]}")
             epoch[0] += 1
             return original(model, *args, **kw)
+
+        if kind == "block-export":
+            (Path(tune.get_context().get_storage().experiment_fs_path) / ".exports").touch()
 
         product.train_one_epoch = train_one_epoch
         try:

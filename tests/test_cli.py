@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,15 @@ def test_unwritable_storage(tmp_path, data_root):
     out = run_cli("tuning.run", "hymenoptera", "--data-root", str(data_root), "--storage", str(blocker / "runs"))
     one_line_error(out, "tuning.run", "is not writable")
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("storage", ["/proc/nope", "/proc/self/fd/nope/runs"])
+def test_storage_the_filesystem_refuses(storage, tmp_path, data_root):
+    """/proc lets root pass os.access but refuses any new file: one line, exit 2, nothing written."""
+    out = run_cli("tuning.run", "hymenoptera", "--smoke-test", "--data-root", str(data_root), "--storage", storage)
+    one_line_error(out, "tuning.run", "is not writable (cannot create a file in /proc")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not Path(storage).exists()
 
 
 def test_weights_of_another_network(tmp_path, data_root):

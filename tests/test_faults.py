@@ -30,7 +30,7 @@ def run(data_root: Path, storage: Path, *args: str, fault: str = "") -> subproce
     command = ["tests.faulty", fault, str(storage / "faults")] if fault else ["tuning.run"]
     cmd = [sys.executable, "-m", *command, "hymenoptera", "--smoke-test", "--data-root", str(data_root),
            "--storage", str(storage), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
 
 
 def epochs(trial_dir: Path) -> list[int]:
@@ -169,3 +169,57 @@ def test_resume_prunes_only_trial_dirs_the_saved_state_does_not_know(tmp_path, c
     assert prune_unknown_trials(RunLocation(str(tmp_path), "run")) == ["trial_bbbb0003"]
     assert sorted(p.name for p in trial_dirs(run_dir)) == ["trial_aaaa0001", "trial_aaaa0002"]
     assert "removed 1 trial dir(s)" in capsys.readouterr().err
+
+
+def test_a_worker_killed_by_the_os_is_retried_from_its_checkpoint(data_root, tmp_path):
+    """SIGKILL to the trial's own process in its second epoch (as the OOM killer does), once per
+    trial: each is retried from its epoch-1 checkpoint and none is lost or run twice."""
+    samples = 3
+    out = run(data_root, tmp_path, "--samples", str(samples), "--epochs", "2", fault="kill@1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"trials: {samples}, errored: 0" in out.stdout
+    run_dir = tmp_path / "hymenoptera"
+    failures = trial_field(run_dir, "num_failures")
+    assert len(failures) == samples and len(trial_dirs(run_dir)) == samples
+    killed = [d for d in trial_dirs(run_dir) if len(epochs(d)) == 2]  # ASHA may stop some after epoch 1
+    assert killed, "no trial reached epoch 2"
+    for d in killed:
+        assert failures[d.name.removeprefix("trial_")] == 1, (d.name, failures)
+        assert epochs(d) == [1, 2]  # epoch 1 ran once: the retry started from its checkpoint
+    assert set(statuses(run_dir).values()) <= {"completed", "stopped early"}
+
+
+def test_a_worker_killed_more_than_max_failures_times_is_errored_and_the_rest_go_on(data_root, tmp_path):
+    samples = 3
+    out = run(data_root, tmp_path, "--samples", str(samples), "--max-failures", "1",
+              fault="kill-always@0,freeze_depth=4")  # the second of 3 (seed 0)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"trials: {samples}, errored: 1" in out.stdout and "exported:" in out.stdout
+    run_dir = tmp_path / "hymenoptera"
+    status = statuses(run_dir)
+    failures = trial_field(run_dir, "num_failures")
+    assert len(status) == samples == len(failures)
+    errored = [t for t, s in status.items() if s == "errored"]
+    assert len(errored) == 1 and failures[errored[0]] == 2  # the first attempt and its one retry
+    assert all(failures[t] == 0 for t in status if t not in errored)
+
+
+def test_a_run_dir_write_that_fails_after_the_search_is_one_line_and_resume_finishes(data_root, tmp_path):
+    """A trial puts a plain file where `.exports` goes: the export cannot be written. One line,
+    exit 2, the trials kept; with the obstacle gone, --resume exports without training again."""
+    out = run(data_root, tmp_path, "--samples", "2", "--epochs", "1", fault="block-export")
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("tuning.run: error: cannot write to the run dir") and "--resume" in last, last
+    print(last)  # for the record (pytest -s)
+    assert "Traceback" not in out.stderr
+    run_dir = tmp_path / "hymenoptera"
+    kept = {d.name: epochs(d) for d in trial_dirs(run_dir)}
+    assert len(kept) == 2 and not (run_dir / "best").exists()
+    (run_dir / ".exports").unlink()
+    # the same (wrapped) trainable, as --resume requires; no trial runs again to block the export
+    resumed = run(data_root, tmp_path, "--samples", "2", "--epochs", "1", "--resume", fault="block-export")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "trials: 2, errored: 0" in resumed.stdout and (run_dir / "best" / "model.pt").is_file()
+    assert {d.name: epochs(d) for d in trial_dirs(run_dir)} == kept  # nothing trained again
+    assert len(statuses(run_dir)) == 2

@@ -18,7 +18,7 @@ from tuning.lib.checkpoint import evaluate
 from tuning.lib.data.decode import Dataset, Split
 from tuning.lib.data.transforms import Normalize, TrainViews
 from tuning.lib.features import FeatureCache
-from tuning.lib.files import CACHE_ENV
+from tuning.lib.files import CACHE_ENV, seal_path
 from tuning.lib.hparams import HParams
 from tuning.lib.model import FineTuneNet, build_model
 
@@ -169,6 +169,41 @@ def test_the_cache_stays_under_its_limit_and_evicts_the_least_recently_used(tmp_
     # an entry larger than the whole limit is not cached: the trial computes as it goes
     assert cache.get(net, 1, "val", 100, inputs) is None
     assert cache.used_bytes() <= cache.limit_bytes
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "unsealed", "truncate"])
+def test_a_damaged_entry_is_reported_once_and_computed_again(tmp_path, capsys, damage):
+    """Bytes overwritten in place (same size, same header), a writer killed before the seal, a
+    file cut short: the driver's check says so in one line and removes it; the next read computes
+    exactly the clean values again. A trial's own read refuses it too."""
+    net = tiny_net(str(tmp_path))
+    cache = FeatureCache("ns", 2**30, root=str(tmp_path / "cache"))
+    inputs = lambda idx: torch.linspace(0, 1, len(idx) * 3 * 8 * 8).reshape(len(idx), 3, 8, 8)  # noqa: E731
+    clean = np.array(cache.get(net, 1, "val", 10, inputs))
+    path = cache.entry(1, "val")
+
+    def spoil() -> None:
+        if damage == "overwrite":
+            with path.open("r+b") as f:
+                f.seek(path.stat().st_size - 40)
+                f.write(b"\x7f" * 40)
+        elif damage == "unsealed":
+            seal_path(path).unlink()
+        else:
+            path.write_bytes(path.read_bytes()[:-40])
+
+    spoil()
+    assert cache.check() == [path]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: feature cache entry {path} is damaged"), err
+    assert not path.exists()
+    assert np.array_equal(cache.get(net, 1, "val", 10, inputs), clean)
+    assert cache.check() == [] and capsys.readouterr().err == ""
+
+    spoil()  # damaged after the driver's check: the trial's read recomputes
+    assert np.array_equal(cache.get(net, 1, "val", 10, inputs), clean)
+    assert "is damaged" in capsys.readouterr().err
+    assert cache.check() == []
 
 
 def test_a_search_shares_the_cache_between_trials(finished_run):

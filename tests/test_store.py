@@ -1,6 +1,8 @@
 """Decode once: the memory-mapped store is keyed by content and size, and reused across runs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from tuning.lib.data import decoded_store as store
 from tuning.lib.data.decode import decode_listing
 from tuning.lib.data.sources import FolderSource
 from tuning.lib.data.transforms import TrainViews
+from tuning.lib.files import seal_path
 
 SRC = FolderSource("set")
 
@@ -76,3 +79,38 @@ def test_training_views_are_fixed_by_seed_epoch_and_image():
     assert not np.array_equal(TrainViews(32, seed=2).batch(images, list(range(6)), epoch=0), first)
     no_flip = TrainViews(32, scale=(1.0, 1.0), ratio=(1.25, 1.25), hflip=False)
     assert np.array_equal(no_flip.batch(images, [0], 0), no_flip.batch(images, [0], 0))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "unsealed"])
+def test_a_damaged_store_is_reported_once_and_decoded_again(folder, tmp_path, capsys, damage):
+    listing = SRC.list(folder)
+    path = Path(store.build(listing, 36, "RGB", root=tmp_path / "cache").path)
+    clean = path.read_bytes()
+    if damage == "truncate":  # a full disk, a copy cut short
+        path.write_bytes(clean[: len(clean) // 2])
+    elif damage == "overwrite":  # same size and header, other bytes
+        with path.open("r+b") as f:
+            f.seek(len(clean) // 2)
+            f.write(b"\xff" * 64)
+    else:  # its writer died between the file and its seal
+        seal_path(path).unlink()
+    capsys.readouterr()
+    handle = store.build(listing, 36, "RGB", root=tmp_path / "cache")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: decoded store {path} is damaged"), err
+    assert path.read_bytes() == clean
+    assert store.open_store(handle.path).splits["train"].paths == listing_paths(listing, "train")
+    store.build(listing, 36, "RGB", root=tmp_path / "cache")
+    assert capsys.readouterr().err == ""  # sound again: no second warning
+
+
+def listing_paths(listing, split: str) -> list[str]:
+    return [item.ref for item in listing.splits[split]]
+
+
+def test_a_trial_refuses_a_store_damaged_after_the_driver_checked_it(folder, tmp_path):
+    handle = store.build(SRC.list(folder), 36, "RGB", root=tmp_path / "cache")
+    Path(handle.path).write_bytes(Path(handle.path).read_bytes()[:100])
+    store.open_store.cache_clear()
+    with pytest.raises(RuntimeError, match="is damaged"):
+        store.open_store(handle.path)

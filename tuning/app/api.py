@@ -27,6 +27,7 @@ from tuning.app.rundir import (
     check_same_experiment,
     check_storage,
     prune_unknown_trials,
+    run_dir_writes,
     save_spec,
 )
 from tuning.app.search import (
@@ -209,11 +210,12 @@ def search(experiment: str | Experiment, *, trainable: Callable[..., None] | Non
             ready = preparing.result()
     check_resources(placement)
     handle, data, weights, probe = ready.handle, ready.data, ready.weights, ready.probe
-    if not options.resume:
-        save_spec(location.local, experiment, data.classes)
-        location.push(SPEC_FILE)
-    probing.save(probe, ready.probe_model, location.local)
-    location.push(probing.PROBE_FILE, probing.PROBE_DIR)
+    with run_dir_writes(location, searched=False):
+        if not options.resume:
+            save_spec(location.local, experiment, data.classes)
+            location.push(SPEC_FILE)
+        probing.save(probe, ready.probe_model, location.local)
+        location.push(probing.PROBE_FILE, probing.PROBE_DIR)
     wrapped = make_trainable(experiment, placement, handle, weights, trainable or finetune, probing.head_of(probe))
     if options.resume:
         prune_unknown_trials(location)
@@ -223,11 +225,12 @@ def search(experiment: str | Experiment, *, trainable: Callable[..., None] | Non
     grid = tuner.fit()
     floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))
     best = find_best(grid, floor)
-    export_dir = export(best, experiment, data.classes, location.local)
     test = data.splits.get("test")
-    test_acc = score_on_test(export_dir, test) if test is not None else None
-    location.push("best")
-    table = results.write(location)
+    with run_dir_writes(location, searched=True):
+        export_dir = export(best, experiment, data.classes, location.local)
+        test_acc = score_on_test(export_dir, test) if test is not None else None
+        location.push("best")
+        table = results.write(location)
     errors = [(r.path.rsplit("_", 1)[-1], str(r.error).strip().splitlines()[-1][:200]) for r in grid if r.error is not None]
     return SearchResult(
         best_config=dict(best.config), best_val_acc=float(best.metrics["val_acc"]), best_epoch=int(best.metrics["epoch"]),

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
@@ -31,16 +33,37 @@ def load_spec(run_dir: Path) -> tuple[Experiment, list[str]]:
 
 
 def check_storage(location: RunLocation) -> None:
-    """Fail before any work if the run dir cannot be written; creates nothing."""
+    """Fail before any work if the run dir cannot be written; leaves nothing behind.
+
+    Asking is not enough (`os.access` says yes to root in /proc, and knows nothing of read-only
+    mounts): a file is created and removed in the nearest folder that exists."""
     if location.remote:
         location.filesystem()  # an unknown scheme or unreachable bucket fails here
         return
     storage = location.local.parent
     probe = storage
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--storage {storage} is not writable ({probe} is not a writable folder)")
+    if not probe.is_dir():
+        raise UsageError(f"--storage {storage} is not writable ({probe} is not a folder)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".tuning-probe-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--storage {storage} is not writable (cannot create a file in {probe}: {err.strerror or err})") from None
+
+
+@contextmanager
+def run_dir_writes(location: RunLocation, searched: bool) -> Iterator[None]:
+    """Our own writes to the run dir (run.json, the export, results.parquet) as one line on
+    failure: a full disk or a folder that refuses a file is the user's to fix. After the search
+    (`searched`), the trials are in the run dir already and --resume picks them up."""
+    try:
+        yield
+    except OSError as err:
+        what = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err) or type(err).__name__
+        then = "; the trials are kept: fix that, then continue with --resume" if searched else ""
+        raise UsageError(f"cannot write to the run dir {location.uri} ({what}){then}") from None
 
 
 def check_run_dir(location: RunLocation, resume: bool) -> None:

@@ -25,6 +25,7 @@ from trainables.inputs import TrialData
 from tuning.app.location import RunLocation
 from tuning.app.progress import StatusLine
 from tuning.app.sampler import CheapFirstTPE
+from tuning.app.syncing import tolerate_vanishing_files
 from tuning.lib import features, footprint
 from tuning.lib import metrics as M
 from tuning.lib.cost import epoch_costs
@@ -116,6 +117,8 @@ def make_trainable(
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     need = footprint.measure(experiment.backbone, experiment.image_size, experiment.image_mode, experiment.gray_input)
     cache = feature_cache(experiment, placement, handle, weights)
+    if cache is not None:
+        cache.check()  # once, here: a trial's warning would only reach its log
     sizes = {name: len(split) for name, split in handle.open().splits.items()}
     costs = epoch_costs(need, sizes["train"], sizes["val"], cache is not None)
     data = TrialData(decoded_store.share(handle, len(nodes) > 1), cache, costs)
@@ -163,6 +166,7 @@ def allow_checkpoint_per_epoch() -> None:
     """One checkpoint kept per trial forces a state snapshot at each report; Ray warns about that
     on every epoch, which is the intended behaviour here."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    tolerate_vanishing_files()  # one snapshot per epoch makes Ray's syncing race likely (tuning.app.syncing)
 
 
 def make_scheduler(experiment: Experiment) -> ASHAScheduler:

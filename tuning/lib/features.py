@@ -9,6 +9,11 @@ trials that read it. A per-entry file lock makes two trials that need an entry a
 compute it once; a deeper entry starts from the deepest shallower one already cached. The cache
 never holds more than `limit_bytes` on disk: least recently used entries are evicted, and an entry
 larger than the whole limit is not cached (its trial computes the prefix as it goes).
+
+Every entry is sealed after it is written (`tuning.lib.files.seal`) and its whole seal is checked
+on every read: an entry whose bytes changed, or whose writer died before sealing it, is reported in
+one line and computed again, so no trial trains on garbage. The check hashes from the page cache
+the trial is about to read anyway, a small fraction of computing the entry.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import itertools
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from tuning.lib.files import atomic_path, cache_root
+from tuning.lib.files import atomic_path, cache_root, damage, seal, unseal
 
 FORMAT = "tuning-features-1"
 ENTRY = re.compile(r"d(\d+)-(.+)\.npy$")
@@ -66,9 +72,13 @@ class FeatureCache:
         path = self.entry(depth, view)
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
-            if path.is_file():
-                os.utime(path)  # recently used
-                return np.load(path, mmap_mode="r")
+            if path.exists():
+                why = damage(path)
+                if why is None:
+                    os.utime(path)  # recently used
+                    return np.load(path, mmap_mode="r")
+                print(f"warning: feature cache entry {path} is damaged ({why}); computing it again", file=sys.stderr)
+                unseal(path)
             start, source = self.deepest_below(depth, view)
             keep = tuple(d for d in also if start < d < depth and not self.entry(d, view).is_file())
             batches = prefix_batches(model, start, source, count, inputs, batch_size, keep)
@@ -94,13 +104,29 @@ class FeatureCache:
                 for out in maps.values():
                     out.flush()
                 maps.clear()
+            for p in (path, *(self.entry(d, view) for d in extra)):
+                seal(p)
             return np.load(path, mmap_mode="r")
+
+    def check(self) -> list[Path]:
+        """Before any trial: verify every entry of this namespace and remove the damaged ones,
+        saying so here, in the driver, where the user sees it (a trial's stderr goes to its log)."""
+        removed = []
+        for path in sorted((self.base / self.namespace).glob("*.npy")):
+            with FileLock(str(path) + ".lock"):
+                why = damage(path) if path.exists() else None
+                if why is not None:
+                    print(f"warning: feature cache entry {path} is damaged ({why}); computing it again",
+                          file=sys.stderr)
+                    unseal(path)
+                    removed.append(path)
+        return removed
 
     def deepest_below(self, depth: int, view: str) -> tuple[int, np.ndarray | None]:
         """A cached shallower prefix of the same view to start from: stage outputs compose."""
         for d in range(depth - 1, 0, -1):
             path = self.entry(d, view)
-            if path.is_file():
+            if path.is_file() and damage(path) is None:  # a damaged one is redone when its depth is asked for
                 try:
                     return d, np.load(path, mmap_mode="r")
                 except (OSError, ValueError):  # evicted meanwhile
@@ -122,7 +148,7 @@ class FeatureCache:
                 if used + size <= self.limit_bytes:
                     break
                 if path.suffix == ".npy":  # a .tmp is being written by a live trial
-                    path.unlink(missing_ok=True)  # readers keep their mapping until they close it
+                    unseal(path)  # readers keep their mapping until they close it
                     used -= s
         return True
 

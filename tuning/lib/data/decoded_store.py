@@ -4,6 +4,11 @@ The file is keyed by a hash of the listed files' bytes, the split assignment and
 and lives in a per-machine cache (`tuning.lib.files.cache_root`). Every trial and
 every later run maps it read-only instead of decoding JPEGs again; pages are shared between the
 processes of a machine through the OS page cache, so N trials cost one copy of the pixels.
+
+The file is sealed when written (`tuning.lib.files.seal`: size, header, checksum). The driver
+checks the whole seal once per run before any trial starts; a damaged file (a full disk, a copy cut
+short) is reported in one line and decoded again. Trials check size and header only, once per
+process: the driver's full check ran moments before.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from filelock import FileLock
 
 from tuning.lib.data.decode import Dataset, Split, decode_listing
 from tuning.lib.data.listing import Listing
-from tuning.lib.files import cache_root, file_digest, write_atomic
+from tuning.lib.files import cache_root, damage, file_digest, seal, unseal, write_atomic
 
 FORMAT = "tuning-store-1"  # bump when the decoding or the layout changes
 
@@ -51,14 +56,22 @@ class StoreHandle:
         path = Path(self.path)
         if not path.is_file():  # another node: its own cache dir
             path = cache_root() / "store" / f"{self.key}.arrow"
-        if not path.is_file() and self.ref is not None:
-            import ray
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(path) + ".lock"):
-                if not path.is_file():
-                    write_atomic(path, memoryview(ray.get(self.ref)))
+        if self.ref is not None and (path != Path(self.path) or not path.is_file()):  # the driver checked its own
+            fetch_copy(str(path), self.ref)
         return open_store(str(path))
+
+
+@lru_cache(maxsize=4)  # checked in full once per process, as the driver checks its own copy once per run
+def fetch_copy(path_str: str, ref: object) -> None:
+    """This node's copy of the store, written from the object store unless a sound one is here."""
+    import ray
+
+    path = Path(path_str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if damage(path) is not None:
+            write_atomic(path, memoryview(ray.get(ref)))
+            seal(path)
 
 
 def build(listing: Listing, resize: int, mode: str, root: Path | None = None) -> StoreHandle:
@@ -67,12 +80,18 @@ def build(listing: Listing, resize: int, mode: str, root: Path | None = None) ->
     path = (root or cache_root()) / "store" / f"{key}.arrow"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # two runs starting together decode once
-        if path.is_file():
+        why = damage(path) if path.exists() else "missing"
+        if why not in (None, "missing"):
+            print(f"warning: decoded store {path} is damaged ({why}); decoding the images again", file=sys.stderr)
+            unseal(path)
+            open_store.cache_clear()  # this process may map the old file
+        if why is None:
             skipped = json.loads(_schema(path).metadata.get(b"skipped", b"[]"))
             if skipped:
                 print(f"warning: skipped {len(skipped)} unreadable image(s): {', '.join(skipped)}", file=sys.stderr)
         else:
             _write(path, decode_listing(listing, resize, mode), listing)
+            seal(path)
     return StoreHandle(str(path), key, tuple(listing.classes))
 
 
@@ -106,6 +125,9 @@ def _schema(path: Path) -> pa.Schema:
 @lru_cache(maxsize=4)  # a reused Ray actor maps the file once, not once per trial
 def open_store(path: str) -> Dataset:
     """Zero-copy: every image is a read-only numpy view into the memory-mapped file."""
+    why = damage(Path(path), full=False)
+    if why is not None:  # changed since the driver checked it: reading it could crash the process
+        raise RuntimeError(f"decoded store {path} is damaged ({why}); the next run decodes it again")
     table = pa.ipc.open_file(pa.memory_map(path)).read_all().combine_chunks()
     classes = json.loads(table.schema.metadata[b"classes"])
     pixels = table.column("pixels").chunk(0)

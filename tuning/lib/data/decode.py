@@ -1,0 +1,93 @@
+"""Decoding: one image file to uint8 pixels at the decode size, and a whole listing to splits."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from tuning.lib.data.listing import Listing
+from tuning.lib.errors import UsageError
+
+
+class UndecodableImage(Exception):
+    pass
+
+
+DECODE_ERRORS = (UndecodableImage, UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+
+
+def prepare(opened: Image.Image, resize: int, mode: str = "RGB", name: str = "") -> np.ndarray:
+    """uint8 HWC (C = 3 for "RGB", 1 for "L"), shorter side `resize`. GIFs, palettes and alpha
+    become plain RGB. Takes the image as opened (lazily) so decoding errors surface here."""
+    try:
+        with opened as img:
+            img = img.convert(mode)
+    except DECODE_ERRORS as err:
+        raise UndecodableImage(f"{name}: {err}") from err
+    w, h = img.size
+    scale = resize / min(w, h)
+    size = (max(resize, round(w * scale)), max(resize, round(h * scale)))
+    array = np.asarray(img.resize(size, Image.BILINEAR), dtype=np.uint8)
+    return array if array.ndim == 3 else array[:, :, None]
+
+
+def decode(path: Path | str, resize: int, mode: str = "RGB") -> np.ndarray:
+    try:
+        opened = Image.open(path)
+    except DECODE_ERRORS as err:
+        raise UndecodableImage(f"{path}: {err}") from err
+    return prepare(opened, resize, mode, str(path))
+
+
+@dataclass
+class Split:
+    """Decoded images (uint8 HWC, shorter side = resize) and their labels."""
+
+    images: Sequence[np.ndarray]
+    labels: np.ndarray
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    classes: list[str]
+    splits: dict[str, Split]
+
+
+def decode_listing(listing: Listing, resize: int, mode: str = "RGB") -> Dataset:
+    """Decode every item once; unreadable files are skipped with one warning, but a class left
+    without a readable image in some split is the user's error, naming its folder."""
+    splits: dict[str, Split] = {}
+    unreadable: list[str] = []
+    for name, items in listing.splits.items():
+        images, labels, paths = [], [], []
+        for item in items:
+            try:
+                images.append(prepare(listing.reader(item.ref), resize, mode, item.ref))
+            except DECODE_ERRORS:
+                unreadable.append(item.ref)
+                continue
+            labels.append(item.label)
+            paths.append(item.ref)
+        split = Split(images, np.asarray(labels, dtype=np.int64), paths)
+        for label in range(len(listing.classes)):
+            if not np.any(split.labels == label):
+                raise UsageError(f"class folder {listing.origins[name][label]} holds no readable image")
+        splits[name] = split
+    if unreadable:
+        print(f"warning: skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable)}", file=sys.stderr)
+    return Dataset(listing.classes, splits)
+
+
+def load(
+    source: "Source", root: Path, resize: int, per_class: int | None = None, seed: int = 0, mode: str = "RGB"
+) -> Dataset:
+    """List and decode in one go, without the on-disk store (tests, benchmarks)."""
+    return decode_listing(source.list(root, seed=seed, per_class=per_class), resize, mode)

@@ -108,11 +108,11 @@ class BudgetedSearcher(Searcher):
         self.searcher.add_evaluated_point(*args, **kwargs)
 
     def get_state(self) -> dict:
-        return {"searcher": self.searcher.get_state(), "fastest_rung_s": self.fastest_rung_s}
+        """This wrapper's own state; Ray saves the wrapped searcher separately (as for ConcurrencyLimiter)."""
+        return {"fastest_rung_s": self.fastest_rung_s}
 
     def set_state(self, state: dict) -> None:
-        self.searcher.set_state(state["searcher"])
-        self.fastest_rung_s = state["fastest_rung_s"]
+        self.fastest_rung_s = state.get("fastest_rung_s")
 
     def save(self, checkpoint_path: str) -> None:
         self.searcher.save(checkpoint_path)

@@ -30,7 +30,7 @@ def quiet(log_file: Path, verbose: bool = False) -> Iterator[TextIO]:
     The run dir may not exist yet (a new search creates it only once its checks passed, so that a
     refused search leaves nothing that blocks the next): the log is written beside it in the cache
     first and appended to `log_file` at the end if the run dir exists by then; otherwise it stays
-    there (`<cache>/logs/`) and its path is the last line of this context's stderr."""
+    there (`<cache>/logs/`)."""
     ours = sys.stdout
     if verbose:
         yield ours
@@ -50,8 +50,7 @@ def quiet(log_file: Path, verbose: bool = False) -> Iterator[TextIO]:
 
 def _keep(staged: Path, log_file: Path) -> None:
     if not log_file.parent.is_dir():
-        print(f"log: {staged}", file=sys.stderr)
-        return
+        return  # a refused search: its one-line error says what matters; the log stays in the cache
     with open(log_file, "a") as out:
         out.write(staged.read_text(errors="replace"))
     staged.unlink()

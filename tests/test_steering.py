@@ -3,6 +3,7 @@ warm start. One real CLI run (a subprocess with its own Ray, so its whole consol
 with a timm backbone serves the console, TensorBoard and timm tests."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -118,11 +119,15 @@ def test_hparams_have_the_search_space_domains(timm_run):
     content = acc.PluginTagToContent("hparams")["_hparams_/experiment"]
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
     infos = {h.name: h for h in experiment.hparam_infos}
-    assert [v.number_value for v in infos["batch_size"].domain_discrete.values] == [8, 16, 32, 64]
-    assert [v.number_value for v in infos["freeze_depth"].domain_discrete.values] == list(range(6))
+    assert [v.string_value for v in infos["batch_size"].domain_discrete.values] == ["8", "16", "32", "64"]
+    assert [v.string_value for v in infos["freeze_depth"].domain_discrete.values] == [str(d) for d in range(6)]
     assert [v.string_value for v in infos["optimizer"].domain_discrete.values] == ["sgd", "adam"]
     assert infos["lr"].domain_interval.min_value == pytest.approx(1e-6)
     assert [m.name.tag for m in experiment.metric_infos] == ["val/acc", "val/loss", "train/loss"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["batch_size"].string_value in ("8", "16", "32", "64")
+    assert start.hparams["lr"].number_value > 0
 
 
 def test_budgeted_search_ends_in_time_and_exports(ray_session, tiny_root, tiny_experiment, tmp_path):
@@ -172,3 +177,24 @@ def test_warm_start_refuses_another_search_space(finished_run, tiny_experiment, 
     (other / "run.json").write_text(json.dumps(spec))
     with pytest.raises(UsageError, match=r"backbone resnet18 \(5 stages\), this search efficientnet_lite0 \(9\)"):
         warm_storage(other, tiny_experiment)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
+    from tuning.app.progress import ProgressBar, StatusLine, progress
+
+    plain = progress(8, 3, io.StringIO(), time_left=lambda: 65.0)
+    assert type(plain) is StatusLine
+    plain.print([], force=True)
+    assert plain.out.getvalue().startswith("[00:00:00] trials 0/8 done") and "00:01:05 of the budget left" in plain.out.getvalue()
+    bar = progress(8, 3, Terminal(), time_left=lambda: 65.0)
+    assert isinstance(bar, ProgressBar)
+    bar.best = (0.75, {"lr": 0.1}, 0.3)
+    bar.print([], force=True)
+    shown = bar.out.getvalue()
+    assert "0/8 trials" in shown and "best val_acc 0.7500" in shown and "00:01:05 of the budget left" in shown
+    assert "\r" in shown  # redrawn in place

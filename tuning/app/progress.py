@@ -29,7 +29,7 @@ class StatusLine(Callback):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.out = self.out or sys.stdout
+        self.out = sys.__stdout__  # a resumed search: the process's console, not a redirected stream
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info) -> None:
         # the export's rule: highest val_acc, a tie going to the lower val_loss

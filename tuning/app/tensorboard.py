@@ -3,7 +3,8 @@
 Per trial, by epoch: `val/acc`, `val/loss`, `train/loss`, `lr/backbone`, `lr/head`, `images_per_s`,
 and nothing of Ray's bookkeeping (`TrialBoard` replaces Ray's TBXLoggerCallback). The HParams tab
 gets the search space's own domains, replayed through Optuna: categorical and integer
-hyperparameters as discrete values (a batch size of 64, not 64.000), floats as their interval,
+hyperparameters as discrete values (a batch size of 64, not 64.000; shown as strings, the only
+kind TensorBoard prints as given and filters by checkbox), floats as their interval,
 and the final metrics. After the export, the exported trial also gets its validation confusion
 matrix and a grid of the validation images it gets wrong (`write_export_images`)."""
 from __future__ import annotations
@@ -62,17 +63,25 @@ def _plugin_summary(tag: str, data: HParamsPluginData) -> Summary:
     return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
 
 
+def discrete_values(dist: optuna.distributions.BaseDistribution) -> list[str] | None:
+    """The values of a categorical or integer hyperparameter, as the HParams tab shows them. As
+    strings: TensorBoard prints every number with five digits (a batch size of 64.000, a freeze
+    depth of 0.0000) and offers a checkbox per value only for strings."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return [str(c) for c in dist.choices]
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return [str(v) for v in range(dist.low, dist.high + 1, dist.step)]
+    return None
+
+
 def experiment_summary(space_domains: dict[str, optuna.distributions.BaseDistribution]) -> Summary:
     infos = []
     for name, dist in space_domains.items():
         info = HParamInfo(name=name)
-        if isinstance(dist, optuna.distributions.CategoricalDistribution):
-            strings = any(isinstance(c, str) for c in dist.choices)
-            info.type = DataType.Value("DATA_TYPE_STRING" if strings else "DATA_TYPE_FLOAT64")
-            info.domain_discrete.extend([str(c) if strings else float(c) for c in dist.choices])
-        elif isinstance(dist, optuna.distributions.IntDistribution):
-            info.type = DataType.Value("DATA_TYPE_FLOAT64")
-            info.domain_discrete.extend([float(v) for v in range(dist.low, dist.high + 1, dist.step)])
+        values = discrete_values(dist)
+        if values is not None:
+            info.type = DataType.Value("DATA_TYPE_STRING")
+            info.domain_discrete.extend(values)
         else:
             info.type = DataType.Value("DATA_TYPE_FLOAT64")
             info.domain_interval.CopyFrom(Interval(min_value=dist.low, max_value=dist.high))
@@ -81,11 +90,12 @@ def experiment_summary(space_domains: dict[str, optuna.distributions.BaseDistrib
     return _plugin_summary("_hparams_/experiment", HParamsPluginData(experiment=Experiment(hparam_infos=infos, metric_infos=metrics)))
 
 
-def session_start(config: dict[str, Any], group: str) -> Summary:
+def session_start(config: dict[str, Any], group: str, space_domains: dict | None = None) -> Summary:
     info = SessionStartInfo(group_name=group)
+    discrete = {n for n, d in (space_domains or {}).items() if discrete_values(d) is not None}
     for name, value in config.items():
-        if isinstance(value, str):
-            info.hparams[name].string_value = value
+        if isinstance(value, str) or name in discrete:
+            info.hparams[name].string_value = str(value)
         elif isinstance(value, bool):
             info.hparams[name].bool_value = value
         elif isinstance(value, (int, float, np.integer, np.floating)):  # numpy scalars: Ray #4528
@@ -112,7 +122,7 @@ class TrialBoard(LoggerCallback):
             self.writers[trial].close()
         trial.init_local_path()
         writer = SummaryWriter(trial.local_path, flush_secs=30)
-        for summary in (experiment_summary(self.space_domains), session_start(dict(trial.config), trial.trial_id)):
+        for summary in (experiment_summary(self.space_domains), session_start(dict(trial.config), trial.trial_id, self.space_domains)):
             writer._get_file_writer().add_summary(summary)
         self.writers[trial] = writer
 

@@ -186,7 +186,7 @@ def confusion_image(matrix: np.ndarray, classes: list[str]) -> np.ndarray:
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
     ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
-           title="val confusion matrix (exported model)")
+           title="val confusion matrix")
     ax.set_xticklabels(classes, rotation=45, ha="right")
     ax.set_yticklabels(classes)
     for (i, j), n in np.ndenumerate(matrix):

@@ -1,6 +1,7 @@
 """Bad input: one line on stderr, exit code 2, no traceback, nothing written."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,8 @@ import pytest
 from tests.conftest import make_image_folder
 
 
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+def run_cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,13 @@ def data_root(tmp_path_factory):
     (["hymenoptera", "--memory-gb", "8", "--address", "auto"], "--memory-gb sizes a Ray started here"),
     (["hymenoptera", "--resume"], "nothing to resume"),
     (["hymenoptera", "--storage", "bogus://x/y"], "--storage bogus://x/y"),
+    (["hymenoptera", "--time-budget", "soon"], "--time-budget 'soon' is not a duration; write it as 90s, 10m or 1h"),
+    (["hymenoptera", "--time-budget", "10d"], "--time-budget '10d' is not a duration"),
+    (["hymenoptera", "--time-budget", "0s"], "--time-budget must be positive"),
+    (["hymenoptera", "--warm-start", "/no/such/run"], "--warm-start /no/such/run is not a run dir"),
+    (["hymenoptera", "--warm-start", "/no/such/run", "--resume"], "--warm-start seeds a new search"),
+    (["hymenoptera", "--backbone", "timm:nosuch_net"], "unknown timm model 'nosuch_net'"),
+    (["hymenoptera", "--backbone", "timm:vit_tiny_patch16_224"], "cannot be cut into stages"),
     ([], "name an experiment"),
 ])
 def test_bad_run_arguments(tmp_path, data_root, args, message):
@@ -64,6 +72,17 @@ def test_list_names_experiments_and_backbones():
     out = run_cli("tuning.run", "--list")
     assert out.returncode == 0
     assert "hymenoptera" in out.stdout and "resnet50" in out.stdout and "efficientnet_lite0" in out.stdout
+    assert "timm:NAME" in out.stdout
+
+
+def test_timm_backbone_offline_without_cached_weights(tmp_path, data_root):
+    """Never random weights silently, and no minute of retries: one line, exit 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = run_cli("tuning.run", "hymenoptera", "--backbone", "timm:resnet10t", "--data-root", str(data_root),
+                  "--storage", str(tmp_path / "runs"), env=env)
+    one_line_error(out, "tuning.run", "no pretrained weights for timm:resnet10t: timm/resnet10t.c3_in1k is not in "
+                   "the Hugging Face cache and HF_HUB_OFFLINE is set; pass --weights FILE")
+    assert not (tmp_path / "runs").exists()
 
 
 def one_line_error(out: subprocess.CompletedProcess, prog: str, message: str) -> None:

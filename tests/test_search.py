@@ -44,7 +44,7 @@ def test_asha_stopped_some_trials_before_the_last_epoch(finished_run, tiny_exper
 def test_tensorboard_holds_val_acc_for_every_trial(finished_run):
     for d in trial_dirs(finished_run):
         acc = EventAccumulator(str(d)).Reload()
-        values = [e.value for e in acc.Scalars("ray/tune/" + M.VAL_ACC)]
+        values = [e.value for e in acc.Scalars("val/acc")]
         assert values == pytest.approx(progress(d)[M.VAL_ACC].tolist())
 
 

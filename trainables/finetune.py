@@ -84,11 +84,13 @@ def fit(
                          M.EPOCH: epoch + 1, M.COST: (epoch + 1) * epoch_cost, M.IMAGES_PER_S: images_per_s,
                          M.NODE_ID: node})
             return
+        lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}  # M.LR_*, this epoch's
         schedule.step()
         val_loss, val_acc = evaluate(model, val)
         report(model, optimizer, schedule, epoch, {
             M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, M.TRAIN_LOSS: train_loss,
             M.EPOCH: epoch + 1, M.COST: (epoch + 1) * epoch_cost, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node,
+            **lrs,
         })
         release_memory()
 

@@ -39,7 +39,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke-test", action="store_true", help="tiny run: 2 samples, 2 epochs, 64 px, 8 images per class")
     p.add_argument("--address", help="join a running Ray cluster (auto, HOST:PORT or ray://HOST:PORT) instead of starting one")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard, on 127.0.0.1 only")
-    p.add_argument("--verbose", action="store_true", help="Ray's full progress tables and logs instead of one status line")
+    p.add_argument("--time-budget", metavar="DURATION", help="wall-clock budget of the whole search, e.g. 90s, 10m, 1h: no trial starts that cannot reach its first ASHA rung in time, running ones stop at it, the best epoch found is exported")
+    p.add_argument("--warm-start", metavar="RUN_DIR", help="seed the searcher with the finished trials of an earlier run dir (same search space)")
+    p.add_argument("--verbose", action="store_true", help="Ray's and Optuna's own output and progress tables on the console (else they go to RUN_DIR/search.log)")
     return p.parse_args(argv)
 
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None, *, trainable: Callable[..., None] | None
     args = parse(argv)
     if args.list:
         print("experiments:", ", ".join(EXPERIMENTS.names()), f"(or {FOLDER_PREFIX}PATH, your own folder)")
-        print("backbones:  ", ", ".join(BACKBONES.names()))
+        print("backbones:  ", ", ".join(BACKBONES.names() + BACKBONES.families()))
         return
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchOptions)}
     with exit_on_usage_error("tuning.run"):
@@ -62,11 +64,15 @@ def print_summary(result: SearchResult) -> None:
     if result.test_acc is not None:
         print(f"test_acc: {result.test_acc:.4f} ({result.test_images} test images, scored once after the search)")
     print(f"trials: {result.trials}, errored: {len(result.errors)}, wall-clock: {result.wall_s:.0f} s")
+    if result.ended_by:
+        print(f"ended by {result.ended_by}")
     for trial_id, error in result.errors:
         print(f"  errored: trial {trial_id}: {error}")
     print(f"exported: {result.export_dir}")
     print(f"results: {result.results_file}  (python -m tuning.report {result.run_dir})")
     print(f"tensorboard --logdir {result.run_dir}")
+    if result.log_file:
+        print(f"log of Ray and Optuna: {result.log_file}")
     sys.stdout.flush()
 
 

@@ -7,17 +7,20 @@ reused by later calls."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import pandas as pd
 
 from experiments import Experiment, get_experiment
 from trainables.finetune import finetune
 from tuning.app import probing, results
+from tuning.app.budget import Budget, parse_duration
+from tuning.app.console import LOG_FILE, quiet
 from tuning.app.export import Best, export, find_best, score_on_test
 from tuning.app.location import RunLocation
 from tuning.app.predictor import Predictor, load
@@ -30,6 +33,9 @@ from tuning.app.rundir import (
     run_dir_writes,
     save_spec,
 )
+from tuning.app.steering import Steering
+from tuning.app.tensorboard import write_export_images
+from tuning.app.warmstart import warm_storage
 from tuning.app.search import (
     Placement,
     build_tuner,
@@ -75,6 +81,8 @@ class SearchOptions:
     address: str | None = None
     dashboard: bool = False
     verbose: bool = False
+    time_budget: str | float | None = None  # "90s", "10m", "1h", or seconds
+    warm_start: str | Path | None = None  # an earlier run dir whose trials seed the searcher
 
     @classmethod
     def of(cls, overrides: dict[str, Any]) -> "SearchOptions":
@@ -99,6 +107,8 @@ class SearchResult:
     trials: int
     errors: list[tuple[str, str]] = field(default_factory=list)  # (trial id, last line of its error)
     wall_s: float = 0.0
+    ended_by: str | None = None  # why the search ended before --samples trials ran (the time budget)
+    log_file: str | None = None  # what Ray and Optuna said (the console shows only our lines)
 
     @property
     def results(self) -> pd.DataFrame:
@@ -155,14 +165,16 @@ def resolve_weights(experiment: Experiment, weights: Path | None) -> Path | None
     return path.resolve()
 
 
-def load_data(experiment: Experiment, data_root: str | None) -> tuple[decoded_store.StoreHandle, Dataset]:
+def load_data(
+    experiment: Experiment, data_root: str | None, out: TextIO | None = None
+) -> tuple[decoded_store.StoreHandle, Dataset]:
     """List the dataset, then decode it into the store unless this machine already has it."""
     source = create_source(experiment.dataset)
     listing = source.list(resolve_data_root(data_root), seed=experiment.seed, per_class=experiment.per_class)
     handle = decoded_store.build(listing, resize_for(experiment.image_size), experiment.image_mode)
     data = handle.open()
     print(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.splits.items())} images, "
-          f"classes {data.classes}", flush=True)
+          f"classes {data.classes}", file=out or sys.stdout, flush=True)
     return handle, data
 
 
@@ -175,14 +187,16 @@ class Prepared:
     probe_model: Any
 
 
-def prepare(experiment: Experiment, placement: Placement, options: SearchOptions, started: float) -> Prepared:
+def prepare(
+    experiment: Experiment, placement: Placement, options: SearchOptions, started: float, console: TextIO
+) -> Prepared:
     """Everything before the first trial that needs no Ray: weights, data, the linear probe (the
     search's first result and every trial's starting head, tuning.app.probing)."""
     weights = resolve_weights(experiment, Path(options.weights) if options.weights else None)
-    handle, data = load_data(experiment, options.data_root)
+    handle, data = load_data(experiment, options.data_root, console)
     probe, model = probing.fit(experiment, data, weights, feature_cache(experiment, placement, handle, weights))
     print(f"linear probe: val_acc {probe.probe.val_acc:.4f} (val_loss {probe.probe.val_loss:.4f}, "
-          f"l2 {probe.probe.l2:g}), {time.time() - started:.0f} s after start", flush=True)
+          f"l2 {probe.probe.l2:g}), {time.time() - started:.0f} s after start", file=console, flush=True)
     return Prepared(weights, handle, data, probe, model)
 
 
@@ -195,48 +209,62 @@ def search(experiment: str | Experiment, *, trainable: Callable[..., None] | Non
     Raises `UsageError` for anything the user can fix."""
     started = time.time()
     options = SearchOptions.of(overrides)
+    budget = Budget(parse_duration(options.time_budget), started) if options.time_budget is not None else None
     experiment, placement = configure(experiment, options)
+    if options.warm_start and options.resume:
+        raise UsageError("--warm-start seeds a new search; --resume continues one: pass one of them")
+    if budget is not None and options.resume:
+        raise UsageError("--time-budget bounds a new search; a resumed one runs to its --samples")
     location = placement.location(experiment)
     check_storage(location)
     check_run_dir(location, options.resume)
     if options.resume:
         check_same_experiment(location.local, experiment)
-    # Ray starts (mostly waiting on its processes) while the data is decoded and the probe fitted
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        preparing = pool.submit(prepare, experiment, placement, options, started)
-        try:
-            start_ray(options.address, options.dashboard, options.verbose, placement.memory_gb)
-        finally:
-            ready = preparing.result()
-    check_resources(placement)
-    handle, data, weights, probe = ready.handle, ready.data, ready.weights, ready.probe
-    with run_dir_writes(location, searched=False):
-        if not options.resume:
-            save_spec(location.local, experiment, data.classes)
-            location.push(SPEC_FILE)
-        probing.save(probe, ready.probe_model, location.local)
-        location.push(probing.PROBE_FILE, probing.PROBE_DIR)
-    wrapped = make_trainable(experiment, placement, handle, weights, trainable or finetune, probing.head_of(probe))
-    if options.resume:
-        prune_unknown_trials(location)
-        tuner = restore_tuner(location.uri, wrapped)
-    else:
-        tuner = build_tuner(experiment, placement, wrapped)
-    grid = tuner.fit()
-    floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))
-    best = find_best(grid, floor)
-    test = data.splits.get("test")
-    with run_dir_writes(location, searched=True):
-        export_dir = export(best, experiment, data.classes, location.local)
-        test_acc = score_on_test(export_dir, test) if test is not None else None
-        location.push("best")
-        table = results.write(location)
+    with quiet(location.local / LOG_FILE, options.verbose) as console:
+        warm = warm_storage(options.warm_start, experiment)[0] if options.warm_start else None
+        # Ray starts (mostly waiting on its processes) while the data is decoded and the probe fitted
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            preparing = pool.submit(prepare, experiment, placement, options, started, console)
+            try:
+                start_ray(options.address, options.dashboard, options.verbose, placement.memory_gb)
+            finally:
+                ready = preparing.result()
+        check_resources(placement)
+        handle, data, weights, probe = ready.handle, ready.data, ready.weights, ready.probe
+        with run_dir_writes(location, searched=False):
+            if not options.resume:
+                save_spec(location.local, experiment, data.classes)
+                location.push(SPEC_FILE)
+            probing.save(probe, ready.probe_model, location.local)
+            location.push(probing.PROBE_FILE, probing.PROBE_DIR)
+        wrapped = make_trainable(experiment, placement, handle, weights, trainable or finetune, probing.head_of(probe))
+        if options.resume:
+            prune_unknown_trials(location)
+            tuner = restore_tuner(location.uri, wrapped)
+        else:
+            tuner = build_tuner(experiment, placement, wrapped, Steering(budget, warm, console))
+        grid = tuner.fit()
+        # the probe is a result too: a budget that ends before any trial's first epoch still exports it
+        floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))
+        best = find_best(grid, floor)
+        test = data.splits.get("test")
+        with run_dir_writes(location, searched=True):
+            export_dir = export(best, experiment, data.classes, location.local)
+            test_acc = score_on_test(export_dir, test) if test is not None else None
+            images_dir = probing.PROBE_DIR if best.trial_id == probing.PROBE_ID else f"trial_{best.trial_id}"
+            write_export_images(location.local / images_dir, export_dir, data.splits["val"])
+            location.push("best", images_dir)
+            table = results.write(location)
+    ended_by = None
+    if budget is not None and budget.ended(len(grid), experiment.samples):
+        ended_by = f"the time budget ({options.time_budget}): {len(grid)} of {experiment.samples} trials started"
     errors = [(r.path.rsplit("_", 1)[-1], str(r.error).strip().splitlines()[-1][:200]) for r in grid if r.error is not None]
     return SearchResult(
         best_config=dict(best.config), best_val_acc=float(best.metrics["val_acc"]), best_epoch=int(best.metrics["epoch"]),
         best_trial_id=best.trial_id, test_acc=test_acc, test_images=len(test) if test is not None else None,
         export_dir=export_dir, run_dir=location.uri, results_file=table, trials=len(grid), errors=errors,
-        wall_s=time.time() - started,
+        wall_s=time.time() - started, ended_by=ended_by,
+        log_file=None if options.verbose else str(location.local / LOG_FILE),
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import optuna
 import ray
 from ray import tune
 from ray.tune.execution.placement_groups import (
@@ -14,7 +15,7 @@ from ray.tune.execution.placement_groups import (
     resource_dict_to_pg_factory,
 )
 from ray.tune.experiment import Trial
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -23,9 +24,10 @@ from search_spaces import space_for
 from trainables.finetune import finetune
 from trainables.inputs import TrialData
 from tuning.app.location import RunLocation
-from tuning.app.progress import StatusLine
 from tuning.app.sampler import CheapFirstTPE
+from tuning.app.steering import Steering
 from tuning.app.syncing import tolerate_vanishing_files
+from tuning.app.tensorboard import TrialBoard, domains
 from tuning.lib import features, footprint
 from tuning.lib import metrics as M
 from tuning.lib.cost import epoch_costs
@@ -150,15 +152,17 @@ def trial_resources(
     return resources
 
 
-def make_searcher(experiment: Experiment) -> OptunaSearch:
+def make_searcher(experiment: Experiment, storage: "optuna.storages.BaseStorage | None" = None) -> OptunaSearch:
     """TPE seeded by --seed, its start-up trials cheap first (tuning.app.sampler); the seeds' hand
-    recipe is enqueued as the first trial."""
+    recipe is enqueued as the first trial. `storage`: a study seeded with an earlier run's trials
+    (--warm-start, tuning.app.warmstart)."""
     return OptunaSearch(
         space=space_for(experiment),
         metric=M.OBJECTIVE,
         mode=M.MODE,
         sampler=CheapFirstTPE(seed=experiment.seed),
         points_to_evaluate=[dict(experiment.recipe)],
+        storage=storage,
     )
 
 
@@ -184,14 +188,17 @@ def make_scheduler(experiment: Experiment) -> ASHAScheduler:
     )
 
 
-def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Trainable) -> tune.Tuner:
+def build_tuner(
+    experiment: Experiment, placement: Placement, trainable: tune.Trainable, steering: Steering | None = None
+) -> tune.Tuner:
     scheduler = make_scheduler(experiment)
     location = placement.location(experiment)
+    steering = steering or Steering()
     allow_checkpoint_per_epoch()
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(experiment),
+            search_alg=steering.searcher(make_searcher(experiment, steering.warm), experiment),
             scheduler=scheduler,
             num_samples=experiment.samples,
             # OptunaSearch would otherwise keep one trial pending at a time (field notes)
@@ -208,17 +215,20 @@ def build_tuner(experiment: Experiment, placement: Placement, trainable: tune.Tr
                 checkpoint_score_order=M.MODE,
             ),
             failure_config=tune.FailureConfig(max_failures=placement.max_failures),
-            callbacks=callbacks(experiment, placement),
+            callbacks=callbacks(experiment, placement, steering),
+            stop=steering.stopper(),
             verbose=None if placement.verbose else 0,
         ),
     )
 
 
-def callbacks(experiment: Experiment, placement: Placement) -> list[tune.Callback]:
-    loggers: list[tune.Callback] = [CSVLoggerCallback(), JsonLoggerCallback(), TBXLoggerCallback()]
+def callbacks(experiment: Experiment, placement: Placement, steering: Steering) -> list[tune.Callback]:
+    # our TensorBoard writer instead of Ray's TBXLoggerCallback, which Ray would add back unless told
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    loggers: list[tune.Callback] = [CSVLoggerCallback(), JsonLoggerCallback(), TrialBoard(domains(space_for(experiment)))]
     if placement.verbose:
         return loggers
-    return [*loggers, StatusLine(experiment.samples, experiment.epochs)]
+    return [*loggers, steering.progress(experiment)]
 
 
 def restore_tuner(run_dir: str, trainable: tune.Trainable) -> tune.Tuner:

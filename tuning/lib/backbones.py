@@ -135,10 +135,30 @@ for _name, _weights in [
     )
 
 
+def _timm_backbone(name: str) -> Backbone:
+    from tuning.lib.timm_backbones import backbone  # it imports this module: import on first use
+
+    return backbone(name)
+
+
+BACKBONES.add_family("timm:", _timm_backbone, "timm:NAME (any convolutional timm model)")
+
+
+def read_state_dict(weights: Path) -> object:
+    """torch.save files and safetensors files (as timm publishes on the Hugging Face hub)."""
+    if Path(weights).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not Path(weights).is_file():
+            raise FileNotFoundError(weights)
+        return load_file(str(weights), device="cpu")
+    return torch.load(weights, map_location="cpu", weights_only=True)
+
+
 def load_pretrained(backbone: Backbone, net: nn.Module, weights: Path) -> None:
     """Load an ImageNet state dict; anything that is not one that fits is the user's error."""
     try:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        sd = read_state_dict(weights)
     except FileNotFoundError:
         raise UsageError(f"weights file {weights} not found") from None
     except Exception as err:

@@ -6,6 +6,7 @@ inside it, so a caller needs no statistics from model.json, only the crop. The b
 dynamic. `onnx_meta` is what model.json says about it."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +58,17 @@ def onnx_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_onnx(model: FineTuneNet, norm: Normalize, meta: dict[str, Any], path: Path) -> Path:
-    """Trace the eval-mode network with the dynamo exporter (torch.export + onnxscript) into one
-    self-contained file (weights inside, no external .data file)."""
+    """Trace the eval-mode network into one self-contained file. The TorchScript exporter, not the
+    dynamo one: the same graph to 1e-4 (tests/test_onnx.py) in about an eighth of the time (the
+    dynamo exporter added 40-55 s to every export on a 2-core CPU); its deprecation notice is ours
+    to carry, not the user's to read."""
     size = meta["image_size"]
     wrapped = Deployable(model.eval(), norm).eval()
     example = torch.zeros(2, channels(meta), size, size, dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(
-        wrapped, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_shapes={"image": {0: batch}}, opset_version=OPSET, external_data=False, verbose=False,
-    )
-    program.save(str(path), external_data=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped, (example,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
+        )
     return path

@@ -6,13 +6,16 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tuning.lib.data.listing import Item, Listing
 from tuning.lib.errors import UsageError
+
+if TYPE_CHECKING:
+    from tuning.lib.data.sources import Source
 
 
 class UndecodableImage(Exception):

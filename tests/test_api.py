@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import ray
 
@@ -45,8 +46,11 @@ def test_result_fields_match_results_and_export(two_searches):
         meta = json.loads((result.export_dir / "model.json").read_text())
         assert result.best_val_acc == exported["best_val_acc"] == meta["metrics"]["val_acc"] == table["best_val_acc"].max()
         assert result.best_trial_id == exported["trial_id"] == meta["trial_id"]
-        assert result.best_config == meta["hparams"] == {c[3:]: exported[c] for c in table.columns if c.startswith("hp_")}
-        assert len(table) == result.trials
+        # the exported row's own hyperparameters (the linear probe's row has only its own two)
+        hparams = {c[3:]: exported[c] for c in table.columns if c.startswith("hp_") and not pd.isna(exported[c])}
+        assert result.best_config == meta["hparams"] == hparams
+        assert len(table) == result.trials + 1  # the trials and the linear probe
+        assert table["trial_id"].iloc[0] == "probe"
         if has_test:
             assert result.test_acc is not None and result.test_acc == meta["metrics"]["test_acc"] == exported["test_acc"]
             assert result.test_images == 8

@@ -38,8 +38,9 @@ def epochs(trial_dir: Path) -> list[int]:
 
 
 def statuses(run_dir: Path) -> dict[str, str]:
+    """Each trial's status; the linear probe (fitted in the driver, never a trial) is left out."""
     table = pq.read_table(run_dir / "results.parquet").to_pandas()
-    return dict(zip(table["trial_id"], table["status"]))
+    return {t: s for t, s in zip(table["trial_id"], table["status"]) if t != "probe"}
 
 
 def test_a_raising_trial_is_retried_from_its_checkpoint(data_root, tmp_path):

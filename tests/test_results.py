@@ -18,6 +18,8 @@ COLUMNS = {"trial_id", "hp_lr", "hp_head_lr_mult", "hp_freeze_depth", "hp_batch_
 def test_results_parquet_has_one_row_per_trial_matching_its_history(finished_run, tiny_experiment):
     table = pq.read_table(finished_run / RESULTS_FILE).to_pandas()
     assert COLUMNS <= set(table.columns)
+    probe, table = table.iloc[0], table.iloc[1:]  # the linear probe first, then the trials
+    assert probe.trial_id == "probe" and probe.epochs_run == 0 and probe.status == "completed"
     assert len(table) == tiny_experiment.samples == table["trial_id"].nunique()
     for _, row in table.iterrows():
         history = pd.read_csv(finished_run / f"trial_{row.trial_id}" / "progress.csv")

@@ -16,8 +16,8 @@ from tuning.lib.files import write_atomic
 
 
 def predict(export_dir: Path, paths: list[Path], batch_size: int = 32) -> list[tuple[str, str, float]]:
+    predictor = load(export_dir)  # a wrong export is the first thing to say
     images = image_files(paths)
-    predictor = load(export_dir)
     predictor.batch_size = batch_size
     rows = predictor.predict(images)
     return [(str(path), label, prob) for path, (label, prob) in zip(images, rows)]

@@ -94,6 +94,7 @@ def plot_curves(run_dir: str, table: pd.DataFrame, max_epochs: int, out: Path) -
 
 
 def plot_hparams(table: pd.DataFrame, log_scale: set[str], out: Path) -> None:
+    table = table[table["trial_id"] != PROBE_ID]  # the probe has only its own two hyperparameters
     hp_cols = [c for c in table.columns if c.startswith("hp_") and c[3:] not in PROBE_ONLY]
     fig, axes = plt.subplots(1, len(hp_cols), figsize=(4 * len(hp_cols), 3.6), sharey=True)
     for ax, col in zip(axes if len(hp_cols) > 1 else [axes], hp_cols):

@@ -17,7 +17,7 @@ from typing import Any, Callable, TextIO
 import pandas as pd
 
 from experiments import Experiment, get_experiment
-from trainables.finetune import finetune
+from trainables.finetune import finetune, release_memory
 from tuning.app import probing, results
 from tuning.app.budget import Budget, parse_duration
 from tuning.app.console import LOG_FILE, quiet
@@ -255,6 +255,8 @@ def search(experiment: str | Experiment, *, trainable: Callable[..., None] | Non
             write_export_images(location.local / images_dir, export_dir, data.splits["val"])
             location.push("best", images_dir)
             table = results.write(location)
+    del ready  # the probe's network and the driver's decoded views: a notebook runs search again
+    release_memory()
     ended_by = None
     if budget is not None and budget.ended(len(grid), experiment.samples):
         ended_by = f"the time budget ({options.time_budget}): {len(grid)} of {experiment.samples} trials started"

@@ -15,12 +15,12 @@ import warnings
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from tuning.lib.errors import warnings_to
 from tuning.lib.files import cache_root
 
 LOG_FILE = "search.log"
 # the libraries whose log records belong in the log file, not on the console
 LOGGERS = ("ray", "optuna", "py.warnings", "filelock", "urllib3", "huggingface_hub")
-
 
 @contextlib.contextmanager
 def quiet(log_file: Path, verbose: bool = False) -> Iterator[TextIO]:
@@ -69,7 +69,8 @@ def _redirected(log: TextIO) -> Iterator[None]:
             logger.setLevel(logging.INFO)
     logging.captureWarnings(True)
     try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+        with warnings_to(sys.stderr), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+                warnings.catch_warnings():
             warnings.simplefilter("default")
             yield
     finally:

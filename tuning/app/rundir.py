@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +12,7 @@ import pyarrow.fs as pafs
 
 from experiments.base import Experiment
 from tuning.app.location import RunLocation
-from tuning.lib.errors import UsageError
+from tuning.lib.errors import UsageError, warn
 from tuning.lib.files import write_atomic
 
 SPEC_FILE = "run.json"
@@ -105,6 +104,6 @@ def prune_unknown_trials(location: RunLocation) -> list[str]:
                 fs.delete_dir(e.path)
                 removed.append(e.base_name)
     if removed:
-        print(f"warning: removed {len(removed)} trial dir(s) started after the last saved search state "
-              f"(their unreported work is redone): {', '.join(sorted(removed))}", file=sys.stderr)
+        warn(f"removed {len(removed)} trial dir(s) started after the last saved search state "
+             f"(their unreported work is redone): {', '.join(sorted(removed))}")
     return removed

@@ -4,7 +4,25 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, TextIO
+
+
+_WARNINGS_TO: list[TextIO] = []  # where `warn` writes while other tools' output goes to a log
+
+
+def warn(message: str) -> None:
+    """One line for the user on the console, even while Ray's and Optuna's output is redirected to
+    the run's log (tuning.app.console)."""
+    print(f"warning: {message}", file=_WARNINGS_TO[-1] if _WARNINGS_TO else sys.stderr, flush=True)
+
+
+@contextmanager
+def warnings_to(stream: TextIO) -> Iterator[None]:
+    _WARNINGS_TO.append(stream)
+    try:
+        yield
+    finally:
+        _WARNINGS_TO.pop()
 
 
 class UsageError(Exception):

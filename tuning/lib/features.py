@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from tuning.lib.errors import warn
 from tuning.lib.files import atomic_path, cache_root, damage, seal, unseal
 
 FORMAT = "tuning-features-1"
@@ -77,7 +77,7 @@ class FeatureCache:
                 if why is None:
                     os.utime(path)  # recently used
                     return np.load(path, mmap_mode="r")
-                print(f"warning: feature cache entry {path} is damaged ({why}); computing it again", file=sys.stderr)
+                warn(f"feature cache entry {path} is damaged ({why}); computing it again")
                 unseal(path)
             start, source = self.deepest_below(depth, view)
             keep = tuple(d for d in also if start < d < depth and not self.entry(d, view).is_file())
@@ -116,8 +116,7 @@ class FeatureCache:
             with FileLock(str(path) + ".lock"):
                 why = damage(path) if path.exists() else None
                 if why is not None:
-                    print(f"warning: feature cache entry {path} is damaged ({why}); computing it again",
-                          file=sys.stderr)
+                    warn(f"feature cache entry {path} is damaged ({why}); computing it again")
                     unseal(path)
                     removed.append(path)
         return removed

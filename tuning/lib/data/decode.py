@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tuning.lib.data.listing import Item, Listing
-from tuning.lib.errors import UsageError
+from tuning.lib.errors import UsageError, warn
 
 if TYPE_CHECKING:
     from tuning.lib.data.sources import Source
@@ -96,7 +95,7 @@ def decode_listing(listing: Listing, resize: int, mode: str = "RGB") -> Dataset:
                 raise UsageError(f"class folder {listing.origins[name][label]} holds no readable image")
         splits[name] = split
     if unreadable:
-        print(f"warning: skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable)}", file=sys.stderr)
+        warn(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable)}")
     return Dataset(listing.classes, splits)
 
 

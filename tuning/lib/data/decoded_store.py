@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 from filelock import FileLock
 
+from tuning.lib.errors import warn
 from tuning.lib.data.decode import Dataset, Split, decode_listing
 from tuning.lib.data.listing import Listing
 from tuning.lib.files import cache_root, damage, file_digest, seal, unseal, write_atomic
@@ -82,13 +82,13 @@ def build(listing: Listing, resize: int, mode: str, root: Path | None = None) ->
     with FileLock(str(path) + ".lock"):  # two runs starting together decode once
         why = damage(path) if path.exists() else "missing"
         if why not in (None, "missing"):
-            print(f"warning: decoded store {path} is damaged ({why}); decoding the images again", file=sys.stderr)
+            warn(f"decoded store {path} is damaged ({why}); decoding the images again")
             unseal(path)
             open_store.cache_clear()  # this process may map the old file
         if why is None:
             skipped = json.loads(_schema(path).metadata.get(b"skipped", b"[]"))
             if skipped:
-                print(f"warning: skipped {len(skipped)} unreadable image(s): {', '.join(skipped)}", file=sys.stderr)
+                warn(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped)}")
         else:
             _write(path, decode_listing(listing, resize, mode), listing)
             seal(path)

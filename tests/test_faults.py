@@ -16,6 +16,7 @@ from experiments import EXPERIMENTS
 from tests.conftest import make_image_folder, trial_dirs
 from tuning.app.search import make_searcher
 from tuning.lib import metrics as M
+from tuning.lib.backbones import BACKBONES
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +193,9 @@ def test_a_worker_killed_by_the_os_is_retried_from_its_checkpoint(data_root, tmp
 
 def test_a_worker_killed_more_than_max_failures_times_is_errored_and_the_rest_go_on(data_root, tmp_path):
     samples = 3
+    deepest = BACKBONES.get(EXPERIMENTS.get("hymenoptera").backbone).num_stages
     out = run(data_root, tmp_path, "--samples", str(samples), "--max-failures", "1",
-              fault="kill-always@0,freeze_depth=4")  # the second of 3 (seed 0)
+              fault=f"kill-always@0,freeze_depth={deepest}")  # trial 1: the start-up goes deepest first
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"trials: {samples}, errored: 1" in out.stdout and "exported:" in out.stdout
     run_dir = tmp_path / "hymenoptera"

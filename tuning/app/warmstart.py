@@ -20,6 +20,7 @@ from experiments.base import Experiment
 from search_spaces import space_for
 from tuning.app import results
 from tuning.app.location import RunLocation
+from tuning.app.probing import PROBE_ID
 from tuning.app.rundir import SPEC_FILE, load_spec
 from tuning.lib import metrics as M
 from tuning.lib.backbones import BACKBONES
@@ -59,6 +60,8 @@ def finished_trials(run_dir: str | Path, experiment: Experiment) -> list[tuple[d
     hp_cols = [c for c in table.columns if c.startswith("hp_")]
     points = []
     for _, row in table.iterrows():
+        if row["trial_id"] == PROBE_ID:  # the linear probe is no point of the search space
+            continue
         value = row["best_val_acc"]
         if value is not None and isinstance(value, float) and math.isfinite(value):
             points.append(({c[3:]: _plain(row[c]) for c in hp_cols}, float(value)))

@@ -20,9 +20,9 @@ def key_map(backbone_name: str) -> dict[str, str]:
     """FineTuneNet key -> the library network's key."""
     backbone = BACKBONES.get(backbone_name)
     net = backbone.build()
+    theirs = net.state_dict(keep_vars=True)  # before the split: timm's split drops the classifier
     stages, width = backbone.split(net)
     ours = FineTuneNet(stages, width, 2).state_dict(keep_vars=True)
-    theirs = net.state_dict(keep_vars=True)
     name_of = {id(t): name for name, t in theirs.items()}
     mapping = {key: name_of[id(t)] for key, t in ours.items() if id(t) in name_of}
     left = sorted(set(theirs) - set(mapping.values()))

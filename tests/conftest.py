@@ -1,8 +1,10 @@
 """Shared fixtures: one local Ray per test session, and tiny generated ImageFolder datasets."""
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,34 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(ray_session, capsys):
+    """A command's `main(argv)` run in this process: the exit code and the console a user gets,
+    without the ~9 s a fresh Python spends importing torch, timm and Ray. An uncaught exception
+    (a traceback for the user) fails the test by itself. A few tests keep a real subprocess to
+    check the process boundary. Needs the session's Ray: a check that asks Ray must not start
+    another one here."""
+    def call(module: str, *args: str) -> Ran:
+        main = importlib.import_module(module).main
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+
+    return call
 
 
 def write_image(path: Path, label: int, rng: np.random.Generator, size=(40, 48), mode="RGB") -> None:

@@ -75,16 +75,11 @@ def test_load_predict_equals_the_predict_command(two_searches, tmp_path):
     assert all(r["label"] == label and abs(float(r["probability"]) - p) < 1e-6 for r, (label, p) in zip(rows, ours))
 
 
-def test_bad_experiment_raises_the_cli_message(tmp_path):
-    with pytest.raises(tuning.UsageError, match="^unknown experiment 'nosuch'; valid: hotdog, hymenoptera"):
+def test_bad_experiment_raises_the_cli_message(cli, tmp_path):
+    with pytest.raises(tuning.UsageError, match="^unknown experiment 'nosuch'; valid: hotdog, hymenoptera") as raised:
         tuning.search("nosuch", storage=str(tmp_path / "runs"))
     with pytest.raises(tuning.UsageError, match="unknown option 'sampels'"):
         tuning.search("hymenoptera", sampels=3)
-    # the same line as the command's, both in a fresh process (this one has registered `tiny`)
-    api = subprocess.run([sys.executable, "-c", "import tuning\ntry:\n    tuning.search('nosuch')\n"
-                          "except tuning.UsageError as err:\n    print(err)"], capture_output=True, text=True, timeout=900)
-    cli = subprocess.run([sys.executable, "-m", "tuning.run", "nosuch", "--storage", str(tmp_path / "runs")],
-                         capture_output=True, text=True, timeout=900)
-    assert cli.returncode == 2 and api.returncode == 0, api.stderr
-    assert cli.stderr.strip().splitlines()[-1] == f"tuning.run: error: {api.stdout.strip()}"
+    out = cli("tuning.run", "nosuch", "--storage", str(tmp_path / "runs"))  # the command says the same line
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == f"tuning.run: error: {raised.value}"
     assert not (tmp_path / "runs").exists()

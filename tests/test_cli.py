@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_image_folder
+from tests.conftest import Ran, make_image_folder
 
 
 def run_cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -45,10 +45,10 @@ def data_root(tmp_path_factory):
     (["hymenoptera", "--backbone", "timm:vit_tiny_patch16_224"], "cannot be cut into stages"),
     ([], "name an experiment"),
 ])
-def test_bad_run_arguments(tmp_path, data_root, args, message):
+def test_bad_run_arguments(cli, tmp_path, data_root, args, message):
     if "--storage" not in args:
         args = [*args, "--storage", str(tmp_path / "runs")]
-    out = run_cli("tuning.run", *args, "--data-root", str(data_root))
+    out = cli("tuning.run", *args, "--data-root", str(data_root))
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("tuning.run: error: ") and message in lines[-1], out.stderr
@@ -68,8 +68,8 @@ def test_predict_on_a_missing_export(tmp_path):
     assert out.returncode == 2 and "is not an export" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_list_names_experiments_and_backbones():
-    out = run_cli("tuning.run", "--list")
+def test_list_names_experiments_and_backbones(cli):
+    out = cli("tuning.run", "--list")
     assert out.returncode == 0
     assert "hymenoptera" in out.stdout and "resnet50" in out.stdout and "efficientnet_lite0" in out.stdout
     assert "timm:NAME" in out.stdout
@@ -85,63 +85,63 @@ def test_timm_backbone_offline_without_cached_weights(tmp_path, data_root):
     assert not (tmp_path / "runs").exists()
 
 
-def one_line_error(out: subprocess.CompletedProcess, prog: str, message: str) -> None:
+def one_line_error(out: subprocess.CompletedProcess | Ran, prog: str, message: str) -> None:
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{prog}: error: ") and message in last, out.stderr[-2000:]
 
 
-def test_unwritable_storage(tmp_path, data_root):
+def test_unwritable_storage(cli, tmp_path, data_root):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    out = run_cli("tuning.run", "hymenoptera", "--data-root", str(data_root), "--storage", str(blocker / "runs"))
+    out = cli("tuning.run", "hymenoptera", "--data-root", str(data_root), "--storage", str(blocker / "runs"))
     one_line_error(out, "tuning.run", "is not writable")
     assert blocker.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("storage", ["/proc/nope", "/proc/self/fd/nope/runs"])
-def test_storage_the_filesystem_refuses(storage, tmp_path, data_root):
+def test_storage_the_filesystem_refuses(cli, storage, tmp_path, data_root):
     """/proc lets root pass os.access but refuses any new file: one line, exit 2, nothing written."""
-    out = run_cli("tuning.run", "hymenoptera", "--smoke-test", "--data-root", str(data_root), "--storage", storage)
+    out = cli("tuning.run", "hymenoptera", "--smoke-test", "--data-root", str(data_root), "--storage", storage)
     one_line_error(out, "tuning.run", "is not writable (cannot create a file in /proc")
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not Path(storage).exists()
 
 
-def test_weights_of_another_network(tmp_path, data_root):
+def test_weights_of_another_network(cli, tmp_path, data_root):
     import torch
     import torchvision
 
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    out = run_cli("tuning.run", "hymenoptera", "--weights", str(weights), "--data-root", str(data_root),
+    out = cli("tuning.run", "hymenoptera", "--weights", str(weights), "--data-root", str(data_root),
                   "--storage", str(tmp_path / "runs"))
     one_line_error(out, "tuning.run", "does not match this backbone")
     assert not (tmp_path / "runs").exists()
 
 
-def test_only_unreadable_images_in_a_class(tmp_path):
+def test_only_unreadable_images_in_a_class(cli, tmp_path):
     root = tmp_path / "root"
     make_image_folder(root / "hymenoptera_data", {"train": 2, "val": 2})
     for f in (root / "hymenoptera_data" / "val" / "bees").iterdir():
         f.write_bytes(b"\xff\xd8 truncated")
-    out = run_cli("tuning.run", "hymenoptera", "--data-root", str(root), "--storage", str(tmp_path / "runs"))
+    out = cli("tuning.run", "hymenoptera", "--data-root", str(root), "--storage", str(tmp_path / "runs"))
     one_line_error(out, "tuning.run", "val/bees holds no readable image")
     assert not (tmp_path / "runs").exists()
 
 
-def test_empty_data_root(tmp_path):
+def test_empty_data_root(cli, tmp_path):
     (tmp_path / "empty").mkdir()
-    out = run_cli("tuning.run", "hymenoptera", "--data-root", str(tmp_path / "empty"), "--storage", str(tmp_path / "runs"))
+    out = cli("tuning.run", "hymenoptera", "--data-root", str(tmp_path / "empty"), "--storage", str(tmp_path / "runs"))
     one_line_error(out, "tuning.run", "put the 'hymenoptera_data' folder under")
     assert list((tmp_path / "empty").iterdir()) == []
 
 
-def test_predict_on_a_file_that_is_not_an_image(finished_export, tmp_path):
+def test_predict_on_a_file_that_is_not_an_image(cli, finished_export, tmp_path):
     text = tmp_path / "notes.jpg"
     text.write_text("hello")
-    out = run_cli("tuning.predict", str(finished_export), str(text))
+    out = cli("tuning.predict", str(finished_export), str(text))
     one_line_error(out, "tuning.predict", "is not a readable image")
 
 
@@ -149,7 +149,7 @@ def test_predict_on_a_file_that_is_not_an_image(finished_export, tmp_path):
     ("empty_class", "val/bees holds no images"),
     ("one_class", "a classifier needs at least two"),
 ])
-def test_broken_dataset_folders(tmp_path, breakage, message):
+def test_broken_dataset_folders(cli, tmp_path, breakage, message):
     root = tmp_path / "root"
     make_image_folder(root / "hymenoptera_data", {"train": 2, "val": 2})
     base = root / "hymenoptera_data"
@@ -159,6 +159,6 @@ def test_broken_dataset_folders(tmp_path, breakage, message):
             f.unlink()
         if breakage == "one_class":
             folder.rmdir()
-    out = run_cli("tuning.run", "hymenoptera", "--data-root", str(root), "--storage", str(tmp_path / "runs"))
+    out = cli("tuning.run", "hymenoptera", "--data-root", str(root), "--storage", str(tmp_path / "runs"))
     one_line_error(out, "tuning.run", message)
     assert not (tmp_path / "runs").exists()

@@ -17,7 +17,7 @@ from tests.conftest import (
     make_image_folder,
     make_mnist,
 )
-from tests.test_cli import one_line_error, run_cli
+from tests.test_cli import one_line_error
 from tuning.app.export import META_FILE
 from tuning.app.results import RESULTS_FILE
 from tuning.lib import metrics as M
@@ -112,15 +112,15 @@ def test_lr_range_follows_the_optimizer():
 
 
 @pytest.mark.parametrize("breakage, message", BROKEN_FOLDERS)
-def test_bad_user_folders_exit_2_naming_the_folder(tmp_path, breakage, message):
+def test_bad_user_folders_exit_2_naming_the_folder(cli, tmp_path, breakage, message):
     base = make_broken_folder(tmp_path / "mine", breakage)
-    out = run_cli("tuning.run", f"folder:{base}", "--storage", str(tmp_path / "runs"))
+    out = cli("tuning.run", f"folder:{base}", "--storage", str(tmp_path / "runs"))
     one_line_error(out, "tuning.run", message.format(base=base))
     assert not (tmp_path / "runs").exists()
 
 
-def test_list_names_the_new_experiments_and_folder():
-    out = run_cli("tuning.run", "--list")
+def test_list_names_the_new_experiments_and_folder(cli):
+    out = cli("tuning.run", "--list")
     assert out.returncode == 0
     for name in ("hotdog", "hymenoptera", "mnist", "pokemon", "folder:PATH"):
         assert name in out.stdout

@@ -134,10 +134,11 @@ def test_sigkill_then_resume_keeps_every_finished_trial(data_root, tmp_path):
     assert len(statuses(run_dir)) == samples
 
 
-def test_resume_refuses_changed_settings(data_root, tmp_path):
-    first = run(data_root, tmp_path, "--samples", "1", "--epochs", "1")
+def test_resume_refuses_changed_settings(cli, data_root, tmp_path):
+    common = ["hymenoptera", "--smoke-test", "--data-root", str(data_root), "--storage", str(tmp_path)]
+    first = cli("tuning.run", *common, "--samples", "1", "--epochs", "1")
     assert first.returncode == 0, first.stderr[-2000:]
-    out = run(data_root, tmp_path, "--samples", "3", "--epochs", "1", "--resume")
+    out = cli("tuning.run", *common, "--samples", "3", "--epochs", "1", "--resume")
     assert out.returncode == 2 and "samples was 1, now 3" in out.stderr
 
 

@@ -45,11 +45,11 @@ def cli(ray_session, capsys):
     (a traceback for the user) fails the test by itself. A few tests keep a real subprocess to
     check the process boundary. Needs the session's Ray: a check that asks Ray must not start
     another one here."""
-    def call(module: str, *args: str) -> Ran:
+    def call(module: str, *args: str, **kwargs) -> Ran:
         main = importlib.import_module(module).main
         capsys.readouterr()
         try:
-            main(list(args))
+            main(list(args), **kwargs)
             code = 0
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)

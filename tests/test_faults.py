@@ -8,12 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import cloudpickle
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+import tests.faulty
 from experiments import EXPERIMENTS
-from tests.conftest import make_image_folder, trial_dirs
+from tests.conftest import Ran, make_image_folder, trial_dirs
 from tuning.app.search import make_searcher
 from tuning.lib import metrics as M
 from tuning.lib.backbones import BACKBONES
@@ -26,12 +28,15 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def run(data_root: Path, storage: Path, *args: str, fault: str = "") -> subprocess.CompletedProcess:
-    """`tuning.run`, or with `fault` the same run through the test's fault-injecting trainable."""
-    command = ["tests.faulty", fault, str(storage / "faults")] if fault else ["tuning.run"]
-    cmd = [sys.executable, "-m", *command, "hymenoptera", "--smoke-test", "--data-root", str(data_root),
-           "--storage", str(storage), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+def run(cli, data_root: Path, storage: Path, *args: str, fault: str = "") -> Ran:
+    """`tuning.run` in this process (tests.conftest.cli), with `fault` through the test's
+    fault-injecting trainable (tests/faulty.py), pickled by value so Ray's workers need not
+    import tests/. A killed trial kills its Ray worker, never this process."""
+    argv = ["hymenoptera", "--smoke-test", "--data-root", str(data_root), "--storage", str(storage), *args]
+    if not fault:
+        return cli("tuning.run", *argv)
+    cloudpickle.register_pickle_by_value(tests.faulty)
+    return cli("tuning.run", *argv, trainable=tests.faulty.faulty(fault, str(storage / "faults")))
 
 
 def epochs(trial_dir: Path) -> list[int]:
@@ -44,8 +49,8 @@ def statuses(run_dir: Path) -> dict[str, str]:
     return {t: s for t, s in zip(table["trial_id"], table["status"]) if t != "probe"}
 
 
-def test_a_raising_trial_is_retried_from_its_checkpoint(data_root, tmp_path):
-    out = run(data_root, tmp_path, "--samples", "2", "--epochs", "2", fault="raise@1")
+def test_a_raising_trial_is_retried_from_its_checkpoint(cli, data_root, tmp_path):
+    out = run(cli, data_root, tmp_path, "--samples", "2", "--epochs", "2", fault="raise@1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "errored: 0" in out.stdout
     run_dir = tmp_path / "hymenoptera"
@@ -59,8 +64,8 @@ def test_a_raising_trial_is_retried_from_its_checkpoint(data_root, tmp_path):
         assert epochs(d) == [1, 2]
 
 
-def test_a_trial_that_always_fails_is_listed_and_the_search_finishes(data_root, tmp_path):
-    out = run(data_root, tmp_path, "--max-failures", "1", fault="raise-always@0,freeze_depth=0")
+def test_a_trial_that_always_fails_is_listed_and_the_search_finishes(cli, data_root, tmp_path):
+    out = run(cli, data_root, tmp_path, "--max-failures", "1", fault="raise-always@0,freeze_depth=0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "errored: 1" in out.stdout and "errored: trial" in out.stdout
     assert "exported:" in out.stdout
@@ -69,8 +74,8 @@ def test_a_trial_that_always_fails_is_listed_and_the_search_finishes(data_root, 
     assert list(statuses(tmp_path / "hymenoptera").values()).count("errored") == 1
 
 
-def test_a_nan_loss_ends_that_trial_as_a_poor_result(data_root, tmp_path):
-    out = run(data_root, tmp_path, fault="nan,freeze_depth=0")
+def test_a_nan_loss_ends_that_trial_as_a_poor_result(cli, data_root, tmp_path):
+    out = run(cli, data_root, tmp_path, fault="nan,freeze_depth=0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "errored: 0" in out.stdout
     run_dir = tmp_path / "hymenoptera"
@@ -174,11 +179,11 @@ def test_resume_prunes_only_trial_dirs_the_saved_state_does_not_know(tmp_path, c
     assert "removed 1 trial dir(s)" in capsys.readouterr().err
 
 
-def test_a_worker_killed_by_the_os_is_retried_from_its_checkpoint(data_root, tmp_path):
+def test_a_worker_killed_by_the_os_is_retried_from_its_checkpoint(cli, data_root, tmp_path):
     """SIGKILL to the trial's own process in its second epoch (as the OOM killer does), once per
     trial: each is retried from its epoch-1 checkpoint and none is lost or run twice."""
     samples = 3
-    out = run(data_root, tmp_path, "--samples", str(samples), "--epochs", "2", fault="kill@1")
+    out = run(cli, data_root, tmp_path, "--samples", str(samples), "--epochs", "2", fault="kill@1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"trials: {samples}, errored: 0" in out.stdout
     run_dir = tmp_path / "hymenoptera"
@@ -192,10 +197,10 @@ def test_a_worker_killed_by_the_os_is_retried_from_its_checkpoint(data_root, tmp
     assert set(statuses(run_dir).values()) <= {"completed", "stopped early"}
 
 
-def test_a_worker_killed_more_than_max_failures_times_is_errored_and_the_rest_go_on(data_root, tmp_path):
+def test_a_worker_killed_more_than_max_failures_times_is_errored_and_the_rest_go_on(cli, data_root, tmp_path):
     samples = 3
     deepest = BACKBONES.get(EXPERIMENTS.get("hymenoptera").backbone).num_stages
-    out = run(data_root, tmp_path, "--samples", str(samples), "--max-failures", "1",
+    out = run(cli, data_root, tmp_path, "--samples", str(samples), "--max-failures", "1",
               fault=f"kill-always@0,freeze_depth={deepest}")  # trial 1: the start-up goes deepest first
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"trials: {samples}, errored: 1" in out.stdout and "exported:" in out.stdout
@@ -208,10 +213,10 @@ def test_a_worker_killed_more_than_max_failures_times_is_errored_and_the_rest_go
     assert all(failures[t] == 0 for t in status if t not in errored)
 
 
-def test_a_run_dir_write_that_fails_after_the_search_is_one_line_and_resume_finishes(data_root, tmp_path):
+def test_a_run_dir_write_that_fails_after_the_search_is_one_line_and_resume_finishes(cli, data_root, tmp_path):
     """A trial puts a plain file where `.exports` goes: the export cannot be written. One line,
     exit 2, the trials kept; with the obstacle gone, --resume exports without training again."""
-    out = run(data_root, tmp_path, "--samples", "2", "--epochs", "1", fault="block-export")
+    out = run(cli, data_root, tmp_path, "--samples", "2", "--epochs", "1", fault="block-export")
     assert out.returncode == 2, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("tuning.run: error: cannot write to the run dir") and "--resume" in last, last
@@ -222,7 +227,7 @@ def test_a_run_dir_write_that_fails_after_the_search_is_one_line_and_resume_fini
     assert len(kept) == 2 and not (run_dir / "best").exists()
     (run_dir / ".exports").unlink()
     # the same (wrapped) trainable, as --resume requires; no trial runs again to block the export
-    resumed = run(data_root, tmp_path, "--samples", "2", "--epochs", "1", "--resume", fault="block-export")
+    resumed = run(cli, data_root, tmp_path, "--samples", "2", "--epochs", "1", "--resume", fault="block-export")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "trials: 2, errored: 0" in resumed.stdout and (run_dir / "best" / "model.pt").is_file()
     assert {d.name: epochs(d) for d in trial_dirs(run_dir)} == kept  # nothing trained again

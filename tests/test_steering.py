@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,12 @@ def test_registry_takes_timm_names_and_lists_valid_names_on_a_miss():
         BACKBONES.get("vgg")
 
 
+def user_env() -> dict[str, str]:
+    """This process's environment as a user's shell has it: once this test session's Ray has
+    started, Ray sets RAY_AUTH_MODE here, and a child that inherits it says nothing of tokens."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+
+
 @pytest.fixture(scope="module")
 def timm_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """`tuning.run` as a user runs it, on a timm model with weights the test saved to a file."""
@@ -65,7 +72,7 @@ def timm_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
         [sys.executable, "-m", "tuning.run", "hymenoptera", "--smoke-test", "--samples", "3",
          "--backbone", "timm:resnet10t", "--weights", str(weights), "--data-root", str(root),
          "--storage", str(tmp / "runs"), "--feature-cache-gb", "0"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env=user_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out, tmp / "runs" / "hymenoptera"

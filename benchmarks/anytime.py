@@ -68,7 +68,7 @@ def plain_search(args: argparse.Namespace) -> None:
 def events(run_dir: Path) -> list[tuple[float, float]]:
     """(unix time, val_acc) of every report in a run dir, and of our linear probe."""
     found = []
-    for progress in run_dir.glob("trial_*/progress.csv"):
+    for progress in run_dir.glob("*/progress.csv"):  # ours: trial_ID/, Ray's default: NAME_ID_.../
         frame = pd.read_csv(progress)
         if "val_acc" in frame and "timestamp" in frame:
             found += list(zip(frame["timestamp"].astype(float), frame["val_acc"].astype(float)))

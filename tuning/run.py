@@ -3,18 +3,22 @@
 parse -> `tuning.search` (look up experiment, load data once, build Tuner, fit, export) -> print."""
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import sys
-from pathlib import Path
-from typing import Callable
+import time
 
-from experiments import EXPERIMENTS
-from tuning.app.api import SearchOptions, SearchResult, search
-from tuning.lib.backbones import BACKBONES
-from tuning.lib.data.sources import FOLDER_PREFIX
-from tuning.lib.errors import exit_on_usage_error
+STARTED = time.time()  # the user's clock (and --time-budget) starts here: the imports below take seconds
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+from experiments import EXPERIMENTS  # noqa: E402
+from tuning.app.api import SearchOptions, SearchResult, search  # noqa: E402
+from tuning.lib.backbones import BACKBONES  # noqa: E402
+from tuning.lib.data.sources import FOLDER_PREFIX  # noqa: E402
+from tuning.lib.errors import exit_on_usage_error  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -45,8 +49,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None, *, trainable: Callable[..., None] | None = None) -> None:
-    """`trainable` replaces `trainables.finetune.finetune` (tests wrap it to inject faults)."""
+def main(
+    argv: list[str] | None = None, *, trainable: Callable[..., None] | None = None, started: float | None = None
+) -> None:
+    """`trainable` replaces `trainables.finetune.finetune` (tests wrap it to inject faults);
+    `started`: when the user's clock started (the process start as a command), default now."""
     args = parse(argv)
     if args.list:
         print("experiments:", ", ".join(EXPERIMENTS.names()), f"(or {FOLDER_PREFIX}PATH, your own folder)")
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None, *, trainable: Callable[..., None] | None
         return
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchOptions)}
     with exit_on_usage_error("tuning.run"):
-        result = search(args.experiment, trainable=trainable, **options)
+        result = search(args.experiment, trainable=trainable, started=started, **options)
     print_summary(result)
 
 
@@ -77,4 +84,4 @@ def print_summary(result: SearchResult) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(started=STARTED)

@@ -200,14 +200,19 @@ def prepare(
     return Prepared(weights, handle, data, probe, model)
 
 
-def search(experiment: str | Experiment, *, trainable: Callable[..., None] | None = None, **overrides: Any) -> SearchResult:
+def search(
+    experiment: str | Experiment, *, trainable: Callable[..., None] | None = None, started: float | None = None,
+    **overrides: Any,
+) -> SearchResult:
     """Search, export the best epoch of the best trial, score it on the test split, write results.
 
     `experiment`: a registered name, `folder:PATH`, or an `Experiment`. `overrides`: the CLI's
     flags by name (`samples=`, `epochs=`, `seed=`, `storage=`, `name=`, `data_root=`,
     `smoke_test=True`, ...). `trainable` replaces `trainables.finetune.finetune` (tests wrap it).
+    `started`: `time.time()` when the user's clock started (the command passes its process start,
+    so `time_budget` and the reported times include its imports); default: now.
     Raises `UsageError` for anything the user can fix."""
-    started = time.time()
+    started = time.time() if started is None else started
     options = SearchOptions.of(overrides)
     budget = Budget(parse_duration(options.time_budget), started) if options.time_budget is not None else None
     experiment, placement = configure(experiment, options)

@@ -43,9 +43,10 @@ def parse_duration(text: str | float | int) -> float:
 @dataclass(frozen=True)
 class Budget:
     seconds: float
-    started: float = field(default_factory=time.time)  # time.time() at the start of the search call
-    # export, test score and results.parquet take a few seconds after the search on a CPU
-    wrap_up_s: float = 10.0
+    started: float = field(default_factory=time.time)  # the command's start (tuning.run), else the search call's
+    # export, test score and results.parquet take a few seconds after the search on a CPU, and
+    # Ray's shutdown as the command exits ~4 s more
+    wrap_up_s: float = 15.0
 
     @property
     def stop_at(self) -> float:

@@ -1,14 +1,15 @@
 """`--time-budget 10m`: the best search that fits a wall-clock budget (as AutoGluon's time_limit).
 
-The budget runs from the start of `tuning.search` and covers the whole call. Three rules keep
-within it:
+The budget runs from the command's process start (`tuning.run`; in the API, from the
+`tuning.search` call) and covers everything after it. Three rules keep within it:
 - a new trial starts only if it can reach its first ASHA rung (the grace period, where trials are
   first compared) before the search stops: its cost is estimated as the fastest any trial so far
   reached that rung, start-up included (`BudgetedSearcher`). Before any trial got there, nothing is
   known and trials start;
 - at the stop time every running trial is stopped (`BudgetStopper`); its checkpoints stay, so the
   best epoch found is still exported;
-- the stop time leaves `wrap_up_s` for what follows the search: export, the test score, results.
+- the stop time leaves `wrap_up_s` for what follows the search: export, the test score, results,
+  and Ray's shutdown as the command exits.
 """
 from __future__ import annotations
 

@@ -109,9 +109,11 @@ def run_child(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, fl
     return start, time.perf_counter() - t0, peak[0] / 2**30
 
 
-def run_pair(args: argparse.Namespace, samples: int, epochs: int, seed: int, arms: list[str], work: Path) -> dict:
+def run_pair(args: argparse.Namespace, out: dict, arms: list[str], work: Path) -> dict:
+    """Runs `arms` of the run `out` (samples, epochs, seed) and puts them into it beside any arm an
+    earlier invocation measured; each arm records the commit and versions it ran with."""
+    samples, epochs, seed = out["samples"], out["epochs"], out["seed"]
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out: dict = {"samples": samples, "epochs": epochs, "seed": seed}
     for arm in arms:
         storage = work / f"{samples}x{epochs}-s{seed}-{arm}"
         common = ["--samples", str(samples), "--epochs", str(epochs), "--seed", str(seed),
@@ -122,7 +124,7 @@ def run_pair(args: argparse.Namespace, samples: int, epochs: int, seed: int, arm
         start, wall, peak = run_child(cmd, arm_env, storage.with_suffix(".log"))
         curve = best_so_far(events(storage / ("ours" if arm == "ours" else "tutorial")), start)
         out[arm] = {"wall_s": round(wall, 1), "peak_pss_gb": round(peak, 2), "final_best": curve[-1][1] if curve else None,
-                    "curve": curve}
+                    "commit": commit(), "versions": versions(), "curve": curve}
         print(f"  {arm:>8}: {wall:6.0f} s, best val_acc {out[arm]['final_best']:.4f}, peak {peak:.1f} GB", flush=True)
     if set(ARMS) <= out.keys():
         target = out["tutorial"]["final_best"]
@@ -176,6 +178,7 @@ def main() -> None:
                    help="SAMPLESxEPOCHS:SEED[:ARM+ARM], comma-separated (arms: ours, tutorial; default both)")
     p.add_argument("--storage", default=None, help="run dirs (default: a fresh temporary dir)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "anytime.json")
+    p.add_argument("--fresh", action="store_true", help="drop the runs already in --out instead of keeping them")
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: the tutorial arm's child process
     p.add_argument("--samples", type=int, help=argparse.SUPPRESS)
     p.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
@@ -185,13 +188,20 @@ def main() -> None:
         return plain_search(args)
     work = Path(args.storage or tempfile.mkdtemp(prefix="tuning-bench-anytime-"))
     work.mkdir(parents=True, exist_ok=True)
-    runs = []
+    # runs measured earlier stay (a 32x8 pair alone takes most of an hour here); a run given again is replaced
+    runs = json.loads(args.out.read_text())["runs"] if args.out.is_file() and not args.fresh else []
     for spec in args.runs.split(","):
         size, seed, *arms = spec.split(":")
         samples, epochs = (int(v) for v in size.split("x"))
+        key = {"samples": samples, "epochs": epochs, "seed": int(seed)}
+        run = next((r for r in runs if {k: r[k] for k in key} == key), None)
+        if run is None:
+            run = dict(key)
+            runs.append(run)
         print(f"{samples} samples x {epochs} epochs, seed {seed}:", flush=True)
-        runs.append(run_pair(args, samples, epochs, int(seed), arms[0].split("+") if arms else list(ARMS), work))
-        summary = {"commit": commit(), "experiment": args.experiment, "versions": versions(), "runs": runs}
+        run_pair(args, run, arms[0].split("+") if arms else list(ARMS), work)
+        runs.sort(key=lambda r: (r["samples"] * r["epochs"], r["seed"]))
+        summary = {"experiment": args.experiment, "runs": runs}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))  # after every run: a long benchmark keeps what it measured
         plot(runs, args.out.with_suffix(".png"))

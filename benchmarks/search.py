@@ -85,8 +85,13 @@ def run_arm(cmd: list[str], env: dict[str, str], log: Path) -> dict:
 
 def commit() -> str:
     """The code measured: a result without it cannot be compared with a later one."""
-    out = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True).stdout.strip()
+
+    # the results a benchmark writes as it goes are not a change to the code it measures
+    changed = git("status", "--porcelain", "--", ":(top)", ":(top,exclude)benchmarks/results")
+    head = git("describe", "--always")
+    return f"{head}-dirty" if changed else head or "unknown"
 
 
 def tutorial_arm(args: argparse.Namespace) -> None:

@@ -121,10 +121,11 @@ def run_pair(args: argparse.Namespace, out: dict, arms: list[str], work: Path) -
         cmd = ([sys.executable, "-m", "tuning.run", args.experiment, *common, "--name", "ours"] if arm == "ours" else
                [sys.executable, "-m", "benchmarks.anytime", "--arm", "tutorial", "--experiment", args.experiment, *common])
         arm_env = {**env, "TUNING_CACHE_DIR": str(storage / "cache")}  # cold: nothing decoded or cached yet
+        measured = commit()  # now: the tree may change while a long arm runs
         start, wall, peak = run_child(cmd, arm_env, storage.with_suffix(".log"))
         curve = best_so_far(events(storage / ("ours" if arm == "ours" else "tutorial")), start)
         out[arm] = {"wall_s": round(wall, 1), "peak_pss_gb": round(peak, 2), "final_best": curve[-1][1] if curve else None,
-                    "commit": commit(), "versions": versions(), "curve": curve}
+                    "commit": measured, "versions": versions(), "curve": curve}
         print(f"  {arm:>8}: {wall:6.0f} s, best val_acc {out[arm]['final_best']:.4f}, peak {peak:.1f} GB", flush=True)
     if set(ARMS) <= out.keys():
         target = out["tutorial"]["final_best"]

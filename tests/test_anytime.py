@@ -129,24 +129,6 @@ def test_a_rung_counts_what_trials_below_it_reached_with_less_compute():
     assert restored["_brackets"][0]._reached is restored["_reached"] and restored["_reached"]["free"] == (0.0, 0.96)
 
 
-def test_trials_of_equal_accuracy_at_a_rung_are_ordered_by_validation_loss():
-    experiment = dataclasses.replace(EXPERIMENTS.get("hymenoptera"), epochs=8, grace_period=1 / 3, reduction_factor=3)
-    scheduler = make_scheduler(experiment)
-    free, worse, better, diverged = (SimpleNamespace(trial_id=n) for n in ("free", "worse", "better", "diverged"))
-    for trial in (free, worse, better, diverged):
-        scheduler.on_trial_add(None, trial)
-
-    def report(trial, cost: float, acc: float, loss: float) -> str:
-        return scheduler.on_trial_result(None, trial, {"cost": cost, "val_acc": acc, "val_loss": loss})
-
-    assert report(free, 0.0, 146 / 153, 0.13) == "CONTINUE"
-    # the same accuracy after a full epoch, with a higher loss than the free trial's: not worth more compute
-    assert report(worse, 1.0, 146 / 153, 0.18) == "STOP"
-    assert report(better, 1.0, 146 / 153, 0.11) == "CONTINUE"
-    # the loss only breaks ties: one more right image wins whatever its loss, and a NaN loss does not crash
-    assert report(diverged, 1.0, 147 / 153, float("nan")) == "CONTINUE"
-
-
 def test_start_up_trials_come_cheap_first_and_cover_every_depth():
     from tuning.app.search import make_searcher
 

@@ -10,24 +10,14 @@ shallow trials (541 s each), none of them beating head-only trials that had take
 Here a rung's cutoff is taken over the trials recorded at it and, for every other trial whose
 compute is still below the rung, the best score it has reached so far: a score had with less
 compute than the rung's is one the rung's compute could have bought. A trial counted that way is
-still judged itself when it reaches the rung.
-
-Ties are broken by validation loss. Accuracy on a few hundred images moves in steps of 1/n, and
-on hymenoptera nearly every trial sits at 146/153: with ties passing a rung, those two depth-2
-trials still ran all 8 epochs (568 s and 452 s) beside head-only trials of the same accuracy and a
-lower loss. The loss enters the rung's score scaled far below one accuracy step, so it only orders
-trials of equal accuracy; the search's objective and the export still rank by accuracy alone."""
+still judged itself when it reaches the rung."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
-
-
-TIE_BREAK = 1e-6  # per unit of loss: a loss below 1,000 moves a score less than one accuracy step of 1/1,000
 
 
 class _Reached(dict):
@@ -56,32 +46,20 @@ class _EqualComputeBracket(_Bracket):
 
 class EqualComputeASHA(ASHAScheduler):
     def __init__(self, *, time_attr: str, metric: str, mode: str, max_t: float, grace_period: float,
-                 reduction_factor: float, tie_break: str | None = None) -> None:
-        """`tie_break`: a reported loss (lower is better) that orders trials of equal `metric`."""
+                 reduction_factor: float) -> None:
         super().__init__(time_attr=time_attr, metric=metric, mode=mode, max_t=max_t, grace_period=grace_period,
                          reduction_factor=reduction_factor)
-        self._tie_break = tie_break
         self._reached = _Reached()
         self._brackets = [_EqualComputeBracket(grace_period, max_t, reduction_factor, 0, reached=self._reached)]
-
-    def _scored(self, result: dict) -> dict:
-        """The result with its metric nudged by the tie-break loss (a NaN or huge loss counts as 1,000)."""
-        if self._metric not in result or result[self._metric] is None or self._tie_break not in result:
-            return result
-        loss = float(result[self._tie_break])
-        loss = min(loss, 1e3) if math.isfinite(loss) else 1e3
-        return {**result, self._metric: result[self._metric] - self._metric_op * TIE_BREAK * loss}
 
     def _note(self, trial_id: str, result: dict) -> None:
         if self._time_attr in result and self._metric in result and result[self._metric] is not None:
             self._reached.note(trial_id, result[self._time_attr], self._metric_op * result[self._metric])
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        result = self._scored(result)
         self._note(trial.trial_id, result)
         return super().on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        result = self._scored(result)
         self._note(trial.trial_id, result)
         super().on_trial_complete(tune_controller, trial, result)

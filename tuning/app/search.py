@@ -186,7 +186,6 @@ def make_scheduler(experiment: Experiment) -> EqualComputeASHA:
         max_t=experiment.epochs,
         grace_period=experiment.grace_period,
         reduction_factor=experiment.reduction_factor,
-        tie_break=M.VAL_LOSS,
     )
 
 

@@ -107,28 +107,6 @@ def test_asha_judges_trials_after_equal_compute_not_equal_epochs():
     assert report(good, 8, 1.0, 0.96) == "STOP"  # max_t: 8 full epochs of compute
 
 
-def test_a_rung_counts_what_trials_below_it_reached_with_less_compute():
-    experiment = dataclasses.replace(EXPERIMENTS.get("hymenoptera"), epochs=8, grace_period=1 / 3, reduction_factor=3)
-    scheduler = make_scheduler(experiment)
-    free, shallow, deep = (SimpleNamespace(trial_id=n) for n in ("free", "shallow", "deep"))
-    for trial in (free, shallow, deep):
-        scheduler.on_trial_add(None, trial)
-
-    def report(trial, cost: float, acc: float) -> str:
-        return scheduler.on_trial_result(None, trial, {"cost": cost, "val_acc": acc})
-
-    # a head-only trial costs nothing counted, so it never reaches a rung; its best (0.96) still counts
-    assert [report(free, 0.0, acc) for acc in (0.95, 0.96, 0.94)] == ["CONTINUE"] * 3
-    # plain ASHA let the first trial at a rung through whatever it scored; here 0.9 after a full epoch is stopped
-    assert report(shallow, 1.0, 0.90) == "STOP"
-    # a trial counted below a rung is still judged itself when it reaches it
-    assert report(deep, 0.2, 0.97) == "CONTINUE"
-    assert report(deep, 0.4, 0.93) == "STOP"  # at rung 1/3: below the free trial's 0.96
-    # and what it reached is pickled with the scheduler (a resumed search keeps it)
-    restored = pickle.loads(pickle.dumps(scheduler.__dict__))
-    assert restored["_brackets"][0]._reached is restored["_reached"] and restored["_reached"]["free"] == (0.0, 0.96)
-
-
 def test_start_up_trials_come_cheap_first_and_cover_every_depth():
     from tuning.app.search import make_searcher
 

@@ -16,13 +16,13 @@ from ray.tune.execution.placement_groups import (
 )
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from experiments.base import Experiment
 from search_spaces import space_for
 from trainables.finetune import finetune
 from trainables.inputs import TrialData
-from tuning.app.asha import EqualComputeASHA
 from tuning.app.location import RunLocation
 from tuning.app.sampler import CheapFirstTPE
 from tuning.app.steering import Steering
@@ -173,13 +173,12 @@ def allow_checkpoint_per_epoch() -> None:
     tolerate_vanishing_files()  # one snapshot per epoch makes Ray's syncing race likely (tuning.app.syncing)
 
 
-def make_scheduler(experiment: Experiment) -> EqualComputeASHA:
+def make_scheduler(experiment: Experiment) -> ASHAScheduler:
     """ASHA on compute spent, not epochs: a shallow trial is judged after the compute a deep one
-    spends in many epochs (tuning.lib.cost), and against what cheaper trials reached with less
-    (tuning.app.asha). Counted, so the same on a busy machine, and restart-proof, unlike
-    training_iteration. A trial ends at its last epoch or at `epochs` full fine-tuning epochs of
-    compute, whichever comes first."""
-    return EqualComputeASHA(
+    spends in many epochs (tuning.lib.cost). Counted, so the same on a busy machine, and
+    restart-proof, unlike training_iteration. A trial ends at its last epoch or at `epochs` full
+    fine-tuning epochs of compute, whichever comes first."""
+    return ASHAScheduler(
         time_attr=M.COST,
         metric=M.OBJECTIVE,
         mode=M.MODE,

@@ -91,7 +91,7 @@ def test_epoch_costs_fall_with_depth_and_count_an_uncached_prefix():
 def test_asha_judges_trials_after_equal_compute_not_equal_epochs():
     experiment = dataclasses.replace(EXPERIMENTS.get("hymenoptera"), epochs=8, grace_period=1 / 3, reduction_factor=3)
     scheduler = make_scheduler(experiment)
-    cheap, good, poor = (SimpleNamespace(trial_id=n) for n in ("cheap", "good", "poor"))
+    cheap, good, poor = (SimpleNamespace(trial_id=n, config={}) for n in ("cheap", "good", "poor"))
     for trial in (cheap, good, poor):
         scheduler.on_trial_add(None, trial)
 
@@ -105,6 +105,29 @@ def test_asha_judges_trials_after_equal_compute_not_equal_epochs():
     assert report(poor, 1, 1.0, 0.7) == "STOP"
     assert report(good, 1, 1.0, 0.95) == "CONTINUE"
     assert report(good, 8, 1.0, 0.96) == "STOP"  # max_t: 8 full epochs of compute
+
+
+def test_the_seeds_recipe_runs_all_its_epochs_and_still_sets_the_bar():
+    experiment = EXPERIMENTS.get("mnist")  # 3 epochs; the recipe is seed 000's Adam at 1e-3
+    scheduler = make_scheduler(experiment)
+    recipe = SimpleNamespace(trial_id="recipe", config=dict(experiment.recipe))
+    head, other = (SimpleNamespace(trial_id=n, config={**experiment.recipe, "freeze_depth": 9}) for n in ("head", "other"))
+    for trial in (head, other, recipe):
+        scheduler.on_trial_add(None, trial)
+
+    def report(trial, cost: float, acc: float) -> str:
+        return scheduler.on_trial_result(None, trial, {"cost": cost, "val_acc": acc})
+
+    assert report(head, 0.36, 0.92) == "CONTINUE"
+    assert report(head, 1.07, 0.92) == "CONTINUE"
+    # full fine-tuning dips in its first epoch: the recipe goes on where any other trial would stop ...
+    assert report(recipe, 1.0, 0.70) == "CONTINUE"
+    assert report(recipe, 2.0, 0.93) == "CONTINUE"
+    assert report(recipe, 3.0, 0.97) == "STOP"  # ... up to max_t, like every trial
+    # ... and its scores are in the rungs: 0.925 passes the head-only trial's 0.92 alone at rung 1/3,
+    # not the top third of (0.92, and the recipe's 0.93 recorded there at its second epoch)
+    assert scheduler._trial_info["recipe"]._rungs[-1][1] == {"head": 0.92, "recipe": 0.93}
+    assert report(other, 0.5, 0.925) == "STOP"
 
 
 def test_start_up_trials_come_cheap_first_and_cover_every_depth():

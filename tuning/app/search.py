@@ -16,13 +16,13 @@ from ray.tune.execution.placement_groups import (
 )
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from experiments.base import Experiment
 from search_spaces import space_for
 from trainables.finetune import finetune
 from trainables.inputs import TrialData
+from tuning.app.asha import RecipeKeepingASHA
 from tuning.app.location import RunLocation
 from tuning.app.sampler import CheapFirstTPE
 from tuning.app.steering import Steering
@@ -173,12 +173,14 @@ def allow_checkpoint_per_epoch() -> None:
     tolerate_vanishing_files()  # one snapshot per epoch makes Ray's syncing race likely (tuning.app.syncing)
 
 
-def make_scheduler(experiment: Experiment) -> ASHAScheduler:
+def make_scheduler(experiment: Experiment) -> RecipeKeepingASHA:
     """ASHA on compute spent, not epochs: a shallow trial is judged after the compute a deep one
     spends in many epochs (tuning.lib.cost). Counted, so the same on a busy machine, and
     restart-proof, unlike training_iteration. A trial ends at its last epoch or at `epochs` full
-    fine-tuning epochs of compute, whichever comes first."""
-    return ASHAScheduler(
+    fine-tuning epochs of compute, whichever comes first; the seeds' recipe is never stopped
+    before (tuning.app.asha)."""
+    return RecipeKeepingASHA(
+        recipe=experiment.recipe,
         time_attr=M.COST,
         metric=M.OBJECTIVE,
         mode=M.MODE,

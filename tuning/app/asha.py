@@ -4,8 +4,8 @@ The recipe is enqueued first so that the search never ends worse than the hand-t
 (README). ASHA on compute (tuning.lib.cost) judges it after its first full fine-tuning epoch
 against what cheap deep trials reached with the same compute, and full fine-tuning often dips in
 its first epoch: on the digits proxy (MNIST, 4 samples x 3 epochs) the seeds' Adam recipe stood at
-val 0.700 after epoch 1 against a head-only trial's 0.921 and was stopped, and the search ended at
-test 0.932 where the recipe, run out, had reached 0.977. So the recipe runs all its epochs; its
+val 0.700 after epoch 1 against a head-only trial's 0.921 and was stopped (the search ended at val
+0.921); run out, it reaches val 0.971 by epoch 3. So the recipe runs all its epochs; its
 scores still enter the rungs, so the other trials are judged against it as before."""
 from __future__ import annotations
 

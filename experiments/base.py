@@ -33,3 +33,8 @@ class Experiment:
         default_factory=lambda: {"optimizer": "sgd", "lr": 1e-3, "head_lr_mult": 10.0, "freeze_depth": 0,
                                  "batch_size": 32, "weight_decay": 1e-6}
     )
+
+    def is_recipe(self, config: dict[str, Any]) -> bool:
+        """Whether a trial's configuration is the seeds' recipe (the scheduler and the trainable
+        treat that trial as the seeds do)."""
+        return all(config.get(name) == value for name, value in self.recipe.items())

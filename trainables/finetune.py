@@ -38,8 +38,8 @@ def finetune(
     config: dict[str, Any], *, experiment: Experiment, data: TrialData, weights: str | None,
     head_init: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """`head_init`: the linear probe's head (tuning.lib.probe), which every trial starts from
-    instead of a random head (LP-FT)."""
+    """`head_init`: the linear probe's head (tuning.lib.probe), which every trial but the seeds'
+    recipe starts from instead of a random head (LP-FT; see `initial_head`)."""
     try:
         fit(config, experiment, data, weights, head_init)
     finally:  # completed, diverged, raised, or stopped by ASHA (SystemExit from tune.report)
@@ -62,8 +62,9 @@ def fit(
         experiment.backbone, len(dataset.classes), Path(weights) if weights else None, hp.freeze_depth,
         image_mode=experiment.image_mode, gray_input=experiment.gray_input,
     )
-    if head_init is not None:
-        model.head.load_state_dict({k: torch.tensor(v) for k, v in head_init.items()})
+    head = initial_head(config, experiment, head_init)
+    if head is not None:
+        model.head.load_state_dict({k: torch.tensor(v) for k, v in head.items()})
     model = model.to(device)  # channels_last, as build_model makes it
     optimizer = build_optimizer(model, hp)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=experiment.epochs)
@@ -93,6 +94,17 @@ def fit(
             **lrs,
         })
         release_memory()
+
+
+def initial_head(
+    config: dict[str, Any], experiment: Experiment, probe_head: dict[str, np.ndarray] | None
+) -> dict[str, np.ndarray] | None:
+    """The head a trial starts from: the probe's, but a fresh random one for the seeds' recipe, as
+    the seeds train it. The recipe is there so the search never ends below the tutorial, and LP-FT
+    does not suit every recipe: on the digits proxy (MNIST as sklearn's digits, the recipe alone for
+    3 epochs) the seeds' Adam recipe from the probe head reached val 0.971 / 0.950 and test 0.942 /
+    0.937 (seeds 0 / 1), from a random head val 0.971 / 0.986 and test 0.977 / 0.977."""
+    return None if experiment.is_recipe(config) else probe_head
 
 
 def _libc_malloc_trim() -> Callable[[int], int] | None:

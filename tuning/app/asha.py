@@ -13,19 +13,18 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from experiments.base import Experiment
+
 
 class RecipeKeepingASHA(ASHAScheduler):
-    def __init__(self, *, recipe: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, *, experiment: Experiment, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._recipe = dict(recipe)
-
-    def is_recipe(self, config: dict[str, Any]) -> bool:
-        return all(config.get(name) == value for name, value in self._recipe.items())
+        self._experiment = experiment
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
         spent = result.get(self._time_attr)
-        if action == TrialScheduler.STOP and self.is_recipe(trial.config) and spent is not None and spent < self._max_t:
+        if action == TrialScheduler.STOP and self._experiment.is_recipe(trial.config) and spent is not None and spent < self._max_t:
             self._num_stopped -= 1
             return TrialScheduler.CONTINUE
         return action

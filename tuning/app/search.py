@@ -180,7 +180,7 @@ def make_scheduler(experiment: Experiment) -> RecipeKeepingASHA:
     fine-tuning epochs of compute, whichever comes first; the seeds' recipe is never stopped
     before (tuning.app.asha)."""
     return RecipeKeepingASHA(
-        recipe=experiment.recipe,
+        experiment=experiment,
         time_attr=M.COST,
         metric=M.OBJECTIVE,
         mode=M.MODE,

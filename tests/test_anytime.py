@@ -1,4 +1,4 @@
-"""The search's anytime mechanisms: the linear probe every trial starts from, the floor the export
+"""The search's anytime mechanisms: the linear probe trials start from, the floor the export
 never falls below, and ASHA judging trials by compute spent."""
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from experiments import EXPERIMENTS, Experiment
 from tests.conftest import make_image_folder
+from trainables.finetune import initial_head
 from tuning.app import probing
 from tuning.app.api import load_data
 from tuning.app.results import RESULTS_FILE
@@ -37,8 +40,6 @@ def test_the_probe_is_a_fit_on_the_shared_cached_features(tiny_root, tiny_experi
     depth = BACKBONES.get(LITE0).num_stages
     entries = {v: cache.entry(depth, v) for v in ("train-centre", "val")}
     assert all(p.is_file() for p in entries.values()), entries  # shared with trials at full freeze
-    import numpy as np
-
     x = {v: torch.from_numpy(np.load(p)) for v, p in entries.items()}
     y = {"train-centre": torch.as_tensor(data.splits["train"].labels), "val": torch.as_tensor(data.splits["val"].labels)}
     again = fit_probe(x["train-centre"], y["train-centre"], x["val"], y["val"], len(data.classes))
@@ -47,7 +48,7 @@ def test_the_probe_is_a_fit_on_the_shared_cached_features(tiny_root, tiny_experi
     assert result.probe.val_acc == again.val_acc
 
 
-def test_each_trial_starts_from_the_probe_head_and_the_export_never_falls_below_it(ray_session, tmp_path, capsys):
+def test_the_probe_head_is_handed_to_the_trials_and_the_export_never_falls_below_it(ray_session, tmp_path, capsys):
     """A recipe that wrecks the pretrained features in one epoch (SGD at 3e-2, head x100, nothing
     frozen): the trial scores below the probe, so the probe is exported."""
     import cloudpickle
@@ -77,6 +78,18 @@ def test_each_trial_starts_from_the_probe_head_and_the_export_never_falls_below_
     assert table.loc[probing.PROBE_ID, "exported"] and not trial.exported
     assert f"linear probe: val_acc {probe['metrics']['val_acc']:.4f}" in capsys.readouterr().out
     assert len(result.predict([next((tmp_path / "data" / "mine" / "val").rglob("*.jpg"))])) == 1
+
+
+def test_the_recipe_starts_from_the_head_its_experiment_names_and_every_other_trial_from_the_probes():
+    probe_head = {"weight": np.ones((10, 1280), np.float32), "bias": np.zeros(10, np.float32)}
+    mnist, hymenoptera = EXPERIMENTS.get("mnist"), EXPERIMENTS.get("hymenoptera")
+    assert (mnist.recipe_head, hymenoptera.recipe_head) == ("random", "probe")
+    assert initial_head(dict(mnist.recipe), mnist, probe_head) is None  # a fresh head, as the seeds
+    assert initial_head(dict(hymenoptera.recipe), hymenoptera, probe_head) is probe_head
+    for change in ({"lr": 3e-4}, {"freeze_depth": 9}, {"optimizer": "sgd"}):
+        assert initial_head({**mnist.recipe, **change}, mnist, probe_head) is probe_head, change
+    with pytest.raises(ValueError, match="recipe_head"):
+        dataclasses.replace(mnist, recipe_head="zeros")
 
 
 def test_epoch_costs_fall_with_depth_and_count_an_uncached_prefix():

@@ -38,8 +38,8 @@ def finetune(
     config: dict[str, Any], *, experiment: Experiment, data: TrialData, weights: str | None,
     head_init: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """`head_init`: the linear probe's head (tuning.lib.probe), which every trial but the seeds'
-    recipe starts from instead of a random head (LP-FT; see `initial_head`)."""
+    """`head_init`: the linear probe's head (tuning.lib.probe), which trials start from instead of
+    a random head (LP-FT; the seeds' recipe may keep the seeds' random head: `initial_head`)."""
     try:
         fit(config, experiment, data, weights, head_init)
     finally:  # completed, diverged, raised, or stopped by ASHA (SystemExit from tune.report)
@@ -99,12 +99,11 @@ def fit(
 def initial_head(
     config: dict[str, Any], experiment: Experiment, probe_head: dict[str, np.ndarray] | None
 ) -> dict[str, np.ndarray] | None:
-    """The head a trial starts from: the probe's, but a fresh random one for the seeds' recipe, as
-    the seeds train it. The recipe is there so the search never ends below the tutorial, and LP-FT
-    does not suit every recipe: on the digits proxy (MNIST as sklearn's digits, the recipe alone for
-    3 epochs) the seeds' Adam recipe from the probe head reached val 0.971 / 0.950 and test 0.942 /
-    0.937 (seeds 0 / 1), from a random head val 0.971 / 0.986 and test 0.977 / 0.977."""
-    return None if experiment.is_recipe(config) else probe_head
+    """The probe's head (LP-FT), or None (a fresh random head) for the seeds' recipe where the
+    experiment says so (`Experiment.recipe_head`): LP-FT does not suit every recipe."""
+    if experiment.recipe_head == "random" and experiment.is_recipe(config):
+        return None
+    return probe_head
 
 
 def _libc_malloc_trim() -> Callable[[int], int] | None:

@@ -34,6 +34,7 @@ def data_root(tmp_path_factory):
     (["hymenoptera", "--max-failures", "-1"], "--max-failures must not be negative"),
     (["hymenoptera", "--memory-gb", "0"], "--memory-gb must be positive, got 0"),
     (["hymenoptera", "--memory-gb", "8", "--address", "auto"], "--memory-gb sizes a Ray started here"),
+    (["hymenoptera", "--step-memory-gb", "-1"], "--step-memory-gb must not be negative, got -1"),
     (["hymenoptera", "--resume"], "nothing to resume"),
     (["hymenoptera", "--storage", "bogus://x/y"], "--storage bogus://x/y"),
     (["hymenoptera", "--time-budget", "soon"], "--time-budget 'soon' is not a duration; write it as 90s, 10m or 1h"),

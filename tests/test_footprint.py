@@ -4,8 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuning.app.search import Placement, trial_resources
+from tests.test_model import tiny_split
+from trainables.finetune import build_optimizer, train_one_epoch
+from tuning.app.search import Placement, step_images, trial_resources
 from tuning.lib import footprint
+from tuning.lib.checkpoint import Feed
+from tuning.lib.data.transforms import Normalize, TrainViews
+from tuning.lib.hparams import HParams
 from tuning.lib.model import build_model
 
 LITE0 = "efficientnet_lite0"
@@ -32,18 +37,20 @@ def test_one_channel_input_saves_less_than_rgb_at_the_first_stage():
     assert gray.per_image[0] < rgb.per_image[0] and gray.per_image[1:] == rgb.per_image[1:]
 
 
+def config(batch_size: int, freeze_depth: int) -> dict:
+    return {"lr": 1e-3, "head_lr_mult": 10.0, "batch_size": batch_size, "freeze_depth": freeze_depth}
+
+
 def test_a_trial_asks_for_base_plus_batch_times_its_depths_bytes():
     need = footprint.Footprint(base_bytes=footprint.GIB, per_image=(80 * 2**20, 40 * 2**20, 2**20))
-    resources = trial_resources(Placement(cpus_per_trial=1), need, largest_node=16 * footprint.GIB)
-
-    def config(batch_size: int, freeze_depth: int) -> dict:
-        return {"lr": 1e-3, "head_lr_mult": 10.0, "batch_size": batch_size, "freeze_depth": freeze_depth}
+    whole = Placement(cpus_per_trial=1, step_memory_gb=0)  # batches never split
+    resources = trial_resources(whole, need, largest_node=16 * footprint.GIB)
 
     bundle = resources(config(64, 0)).bundles[0]
     assert bundle["CPU"] == 1 and bundle["memory"] == footprint.GIB + 64 * 80 * 2**20  # 6 GiB, on a step
     assert resources(config(8, 2)).bundles[0]["memory"] == 1.25 * footprint.GIB  # rounded up
     # larger than any node: runs alone on the largest rather than waiting forever
-    small_node = trial_resources(Placement(), need, largest_node=4 * footprint.GIB)
+    small_node = trial_resources(whole, need, largest_node=4 * footprint.GIB)
     assert small_node(config(64, 0)).bundles[0]["memory"] == 4 * footprint.GIB
     # on a GPU the activations are in GPU memory: the host holds the worker only
     gpu = trial_resources(Placement(gpus_per_trial=0.5), need, largest_node=16 * footprint.GIB)
@@ -68,3 +75,50 @@ def test_the_estimate_covers_a_real_training_step():
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = sum(v for k, v in sizes.items() if k not in params)
     assert 0.95 * 4 * per_image <= saved <= 4 * per_image  # covered, and not by a wide margin
+
+
+@pytest.mark.parametrize("batch, most, parts", [
+    (64, 20, [16, 16, 16, 16]), (64, 64, [64]), (64, 100, [64]), (32, 20, [16, 16]), (7, 3, [3, 2, 2]),
+    (5, 2, [3, 2]), (3, 2, [3]), (2, 2, [2]), (1, 2, [1]),
+])
+def test_micro_batches_are_the_fewest_even_parts_and_never_one_image(batch, most, parts):
+    assert footprint.micro_batches(batch, most) == parts
+
+
+def test_a_split_batch_asks_only_for_its_largest_micro_batch():
+    need = footprint.Footprint(base_bytes=footprint.GIB, per_image=(80 * 2**20, 40 * 2**20, 2**20))
+    placement = Placement(step_memory_gb=1.25)  # 16 images at depth 0, 32 at depth 1
+    assert step_images(placement, need) == (16, 32, 1280)
+    resources = trial_resources(placement, need, largest_node=16 * footprint.GIB)
+    assert resources(config(64, 0)).bundles[0]["memory"] == footprint.GIB + 16 * 80 * 2**20  # 4 x 16
+    assert resources(config(64, 1)).bundles[0]["memory"] == footprint.GIB + 32 * 40 * 2**20  # 2 x 32
+    assert resources(config(8, 0)).bundles[0]["memory"] == 1.75 * footprint.GIB  # whole: 1 GiB + 640 MiB, rounded up
+    # on a GPU, or with 0, batches stay whole
+    assert step_images(Placement(gpus_per_trial=0.5, step_memory_gb=1.25), need) == ()
+    assert step_images(Placement(step_memory_gb=0), need) == ()
+
+
+@pytest.mark.parametrize("step", [None, 3])
+def test_micro_batches_take_the_whole_batchs_step(step):
+    """Head only (no BatchNorm that trains): 8-image batches in parts of at most 3 give the same
+    weights and loss as whole batches, and no forward sees more than 3 images."""
+    def one_epoch(step_images):
+        torch.manual_seed(0)
+        model = build_model(LITE0, 2, None, freeze_depth=9)
+        split, views, norm = tiny_split(16), TrainViews(32), Normalize((0.5,) * 3, (0.5,) * 3)
+        feed = Feed(torch.from_numpy(split.labels),
+                    lambda idx: model.frozen_features(norm(views.batch(split.images, idx, 0))), cached=False)
+        seen = []
+        forward = model.trainable_forward
+        model.trainable_forward = lambda x: (seen.append(len(x)), forward(x))[1]
+        hp = HParams(lr=0.5, head_lr_mult=1, freeze_depth=9, batch_size=8)
+        loss, _ = train_one_epoch(model, build_optimizer(model, hp), feed, 8, step_images)
+        return model.head.weight.detach().clone(), loss, seen
+
+    whole_weights, whole_loss, whole_seen = one_epoch(None)
+    weights, loss, seen = one_epoch(step)
+    assert whole_seen == [8, 8]
+    assert seen == ([8, 8] if step is None else [3, 3, 2, 3, 3, 2])
+    assert torch.allclose(weights, whole_weights, atol=1e-6) and loss == pytest.approx(whole_loss, rel=1e-6)
+    torch.manual_seed(0)
+    assert not torch.allclose(weights, build_model(LITE0, 2, None).head.weight, atol=1e-3)  # it did train

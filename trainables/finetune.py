@@ -30,6 +30,7 @@ from tuning.lib import metrics as M
 from tuning.lib.backbones import BACKBONES
 from tuning.lib.checkpoint import Feed, autocast, evaluate, load_state, save_state
 from tuning.lib.data.transforms import Normalize
+from tuning.lib.footprint import micro_batches
 from tuning.lib.hparams import HParams
 from tuning.lib.model import FineTuneNet, build_model
 
@@ -75,9 +76,10 @@ def fit(
     val = inputs.val()
     node = ray.get_runtime_context().get_node_id()
     epoch_cost = data.epoch_costs[hp.freeze_depth] if data.epoch_costs else 1.0
+    step_images = data.step_images[hp.freeze_depth] if data.step_images else None
     for epoch in range(start, experiment.epochs):
         torch.manual_seed(trial_seed + epoch)
-        train_loss, images_per_s = train_one_epoch(model, optimizer, inputs.train(epoch), hp.batch_size)
+        train_loss, images_per_s = train_one_epoch(model, optimizer, inputs.train(epoch), hp.batch_size, step_images)
         if not math.isfinite(train_loss):
             # Diverged: end the trial as the worst possible result, which ASHA and Optuna still
             # learn from. No checkpoint and no exception, so no retry storm.
@@ -152,8 +154,11 @@ def build_optimizer(model: FineTuneNet, hp: HParams) -> torch.optim.Optimizer:
 
 
 def train_one_epoch(
-    model: FineTuneNet, optimizer: torch.optim.Optimizer, feed: Feed, batch_size: int
+    model: FineTuneNet, optimizer: torch.optim.Optimizer, feed: Feed, batch_size: int, step_images: int | None = None
 ) -> tuple[float, float]:
+    """One optimizer step per batch; a batch larger than `step_images` runs as micro-batches whose
+    losses are weighted by their share of the batch, so the summed gradient is the whole batch's.
+    Only BatchNorm differs: its statistics are each micro-batch's (as in ghost batch norm)."""
     model.train()
     device = feed.labels.device
     loss_fn = nn.CrossEntropyLoss()
@@ -163,15 +168,19 @@ def train_one_epoch(
         idx = order[i : i + batch_size]
         if len(idx) < 2 and seen:  # a batch of one breaks BatchNorm; drop the ragged tail
             break
-        x, y = feed.batch(idx).to(device, non_blocking=True), feed.labels[idx]
-        with autocast(device):
-            loss = loss_fn(model.trainable_forward(x).float(), y)
-        if not torch.isfinite(loss):
-            return float("nan"), seen / (time.perf_counter() - start)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        offset = 0
+        for size in micro_batches(len(idx), step_images or len(idx)):
+            part = idx[offset : offset + size]
+            offset += size
+            x, y = feed.batch(part).to(device, non_blocking=True), feed.labels[part]
+            with autocast(device):
+                loss = loss_fn(model.trainable_forward(x).float(), y)
+            if not torch.isfinite(loss):
+                return float("nan"), seen / (time.perf_counter() - start)
+            (loss * (size / len(idx))).backward()
+            total += loss.item() * size
         optimizer.step()
-        total += loss.item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1), seen / (time.perf_counter() - start)
 

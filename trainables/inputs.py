@@ -25,6 +25,7 @@ class TrialData:
     store: StoreHandle
     cache: FeatureCache | None  # None: --feature-cache-gb 0, or frozen stages not shared (no pretraining)
     epoch_costs: tuple[float, ...] = ()  # an epoch's cost by freeze depth (tuning.lib.cost); () = 1 each
+    step_images: tuple[int, ...] = ()  # the most images per forward/backward by freeze depth (micro-batches); () = a whole batch
 
 
 class TrialInputs:

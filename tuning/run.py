@@ -38,6 +38,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, fractions pack trials on one GPU (default 0)")
     p.add_argument("--feature-cache-gb", type=float, default=4.0, help="disk for frozen-layer features shared by trials, per machine (default 4; 0 = off)")
     p.add_argument("--memory-gb", type=float, help="RAM that trials may take together on this machine; each asks for what its batch size and freeze depth need (default: Ray's, 70%% of free memory)")
+    p.add_argument("--step-memory-gb", type=float, default=1.5, help="activations one CPU training step may keep; a larger batch runs as micro-batches with the same summed gradient (default 1.5; 0 = never split)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a trial that raised, from its last checkpoint (default 2)")
     p.add_argument("--seed", type=int, help="seed of the Optuna sampler and of training (default 0)")
     p.add_argument("--smoke-test", action="store_true", help="tiny run: 2 samples, 2 epochs, 64 px, 8 images per class")

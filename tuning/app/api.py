@@ -77,6 +77,7 @@ class SearchOptions:
     gpus_per_trial: float = 0.0
     feature_cache_gb: float = 4.0
     memory_gb: float | None = None
+    step_memory_gb: float = 1.5
     max_failures: int = 2
     address: str | None = None
     dashboard: bool = False
@@ -146,12 +147,15 @@ def configure(spec: str | Experiment | None, options: SearchOptions) -> tuple[Ex
         raise UsageError("--feature-cache-gb must not be negative")
     if options.memory_gb is not None and options.memory_gb <= 0:
         raise UsageError(f"--memory-gb must be positive, got {options.memory_gb:g}")
+    if options.step_memory_gb < 0:
+        raise UsageError(f"--step-memory-gb must not be negative, got {options.step_memory_gb:g}")
     if options.memory_gb is not None and options.address:
         raise UsageError("--memory-gb sizes a Ray started here; on a cluster, start each node with `ray start --memory BYTES`")
     placement = Placement(
         storage=options.storage, name=options.name, cpus_per_trial=options.cpus_per_trial,
         gpus_per_trial=options.gpus_per_trial, max_failures=options.max_failures, verbose=options.verbose,
         feature_cache_gb=options.feature_cache_gb, memory_gb=options.memory_gb,
+        step_memory_gb=options.step_memory_gb,
     )
     return experiment, placement
 

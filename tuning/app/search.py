@@ -48,6 +48,9 @@ class Placement:
     max_failures: int = 2  # retries of a trial that raised, from its last checkpoint
     feature_cache_gb: float = 4.0  # disk for shared frozen-prefix features, per machine; 0 = off
     memory_gb: float | None = None  # RAM for trials in a Ray started here (None: Ray's default, 70% of free)
+    # activations one CPU training step may keep; a larger batch runs as micro-batches (0 = never split).
+    # 1.5: a full fine-tune steps 16 images at a time at 224 px, two such trials and Ray stay under 8 GB
+    step_memory_gb: float = 1.5
     verbose: bool = False  # Ray's own progress tables instead of our status line
 
     def location(self, experiment: Experiment) -> RunLocation:
@@ -123,7 +126,8 @@ def make_trainable(
         cache.check()  # once, here: a trial's warning would only reach its log
     sizes = {name: len(split) for name, split in handle.open().splits.items()}
     costs = epoch_costs(need, sizes["train"], sizes["val"], cache is not None)
-    data = TrialData(decoded_store.share(handle, len(nodes) > 1), cache, costs)
+    steps = step_images(placement, need)
+    data = TrialData(decoded_store.share(handle, len(nodes) > 1), cache, costs, steps)
     largest_node = max(n.get("Resources", {}).get("memory", 0.0) for n in nodes)
     return tune.with_resources(
         tune.with_parameters(
@@ -134,17 +138,28 @@ def make_trainable(
     )
 
 
+def step_images(placement: Placement, need: footprint.Footprint) -> tuple[int, ...]:
+    """The most images per training step at each depth: on CPU what `step_memory_gb` holds; on a
+    GPU the activations are not in host memory (and the GPU's own memory is Ray's fraction), so
+    batches stay whole."""
+    if placement.gpus_per_trial > 0 or placement.step_memory_gb <= 0:
+        return ()
+    return need.step_images(int(placement.step_memory_gb * footprint.GIB))
+
+
 def trial_resources(
     placement: Placement, need: footprint.Footprint, largest_node: float
 ) -> Callable[[dict], PlacementGroupFactory]:
     """Each trial asks for the memory its batch size and freeze depth need, so two full fine-tunes
     at batch 64 (about 6 GB each at 224 px) do not run side by side where that does not fit, while
-    a frozen trial still can beside one. A trial larger than any node runs alone on the largest."""
+    a frozen trial still can beside one. A trial larger than any node runs alone on the largest.
+    A batch split into micro-batches (`step_images`) asks for its largest micro-batch's memory."""
     on_gpu = placement.gpus_per_trial > 0
+    steps = step_images(placement, need)
 
     def resources(config: dict) -> PlacementGroupFactory:
         hp = HParams.from_config(config)
-        memory = need.trial_bytes(hp.batch_size, hp.freeze_depth, on_gpu)
+        memory = need.trial_bytes(hp.batch_size, hp.freeze_depth, on_gpu, steps)
         return resource_dict_to_pg_factory(
             {"cpu": placement.cpus_per_trial, "gpu": placement.gpus_per_trial, "memory": min(memory, largest_node)}
         )

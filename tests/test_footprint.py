@@ -37,6 +37,10 @@ def test_one_channel_input_saves_less_than_rgb_at_the_first_stage():
     assert gray.per_image[0] < rgb.per_image[0] and gray.per_image[1:] == rgb.per_image[1:]
 
 
+def node(gib: float, cpus: int = 2) -> list[dict]:
+    return [{"Alive": True, "Resources": {"CPU": cpus, "memory": gib * footprint.GIB}}]
+
+
 def config(batch_size: int, freeze_depth: int) -> dict:
     return {"lr": 1e-3, "head_lr_mult": 10.0, "batch_size": batch_size, "freeze_depth": freeze_depth}
 
@@ -44,16 +48,16 @@ def config(batch_size: int, freeze_depth: int) -> dict:
 def test_a_trial_asks_for_base_plus_batch_times_its_depths_bytes():
     need = footprint.Footprint(base_bytes=footprint.GIB, per_image=(80 * 2**20, 40 * 2**20, 2**20))
     whole = Placement(cpus_per_trial=1, step_memory_gb=0)  # batches never split
-    resources = trial_resources(whole, need, largest_node=16 * footprint.GIB)
+    resources = trial_resources(whole, need, node(16))
 
     bundle = resources(config(64, 0)).bundles[0]
     assert bundle["CPU"] == 1 and bundle["memory"] == footprint.GIB + 64 * 80 * 2**20  # 6 GiB, on a step
     assert resources(config(8, 2)).bundles[0]["memory"] == 1.25 * footprint.GIB  # rounded up
     # larger than any node: runs alone on the largest rather than waiting forever
-    small_node = trial_resources(whole, need, largest_node=4 * footprint.GIB)
+    small_node = trial_resources(whole, need, node(4))
     assert small_node(config(64, 0)).bundles[0]["memory"] == 4 * footprint.GIB
     # on a GPU the activations are in GPU memory: the host holds the worker only
-    gpu = trial_resources(Placement(gpus_per_trial=0.5), need, largest_node=16 * footprint.GIB)
+    gpu = trial_resources(Placement(gpus_per_trial=0.5), need, node(16))
     bundle = gpu(config(64, 0)).bundles[0]
     assert bundle["GPU"] == 0.5 and bundle["memory"] == footprint.GIB
 
@@ -89,7 +93,7 @@ def test_a_split_batch_asks_only_for_its_largest_micro_batch():
     need = footprint.Footprint(base_bytes=footprint.GIB, per_image=(80 * 2**20, 40 * 2**20, 2**20))
     placement = Placement(step_memory_gb=1.25)  # 16 images at depth 0, 32 at depth 1
     assert step_images(placement, need) == (16, 32, 1280)
-    resources = trial_resources(placement, need, largest_node=16 * footprint.GIB)
+    resources = trial_resources(placement, need, node(4))  # 2 slots x 2.25 GiB do not fit in 4
     assert resources(config(64, 0)).bundles[0]["memory"] == footprint.GIB + 16 * 80 * 2**20  # 4 x 16
     assert resources(config(64, 1)).bundles[0]["memory"] == footprint.GIB + 32 * 40 * 2**20  # 2 x 32
     assert resources(config(8, 0)).bundles[0]["memory"] == 1.75 * footprint.GIB  # whole: 1 GiB + 640 MiB, rounded up
@@ -122,3 +126,17 @@ def test_micro_batches_take_the_whole_batchs_step(step):
     assert torch.allclose(weights, whole_weights, atol=1e-6) and loss == pytest.approx(whole_loss, rel=1e-6)
     torch.manual_seed(0)
     assert not torch.allclose(weights, build_model(LITE0, 2, None).head.weight, atol=1e-3)  # it did train
+
+
+def test_every_trial_asks_for_the_step_bound_where_each_slot_holds_it():
+    """Identical requests let Ray Tune reuse a finished trial's worker; only where the bound fits."""
+    need = footprint.Footprint(base_bytes=footprint.GIB, per_image=(80 * 2**20, 40 * 2**20, 2**20))
+    placement = Placement(step_memory_gb=1.25)
+    roomy = trial_resources(placement, need, node(16))
+    asked = {roomy(config(b, d)).bundles[0]["memory"] for b in (8, 64) for d in (0, 1, 2)}
+    assert asked == {2.25 * footprint.GIB}
+    # 4 slots x 2.25 GiB > 8 GiB: each trial asks for its own again
+    assert trial_resources(placement, need, node(8, cpus=4))(config(8, 2)).bundles[0]["memory"] == 1.25 * footprint.GIB
+    # whole batches (no bound): each its own, however much memory there is
+    whole = trial_resources(Placement(step_memory_gb=0), need, node(64))
+    assert whole(config(8, 2)).bundles[0]["memory"] == 1.25 * footprint.GIB

@@ -246,6 +246,9 @@ def search(
                 location.push(SPEC_FILE)
             probing.save(probe, ready.probe_model, location.local)
             location.push(probing.PROBE_FILE, probing.PROBE_DIR)
+        # saved: the driver keeps no network through the search, and hands the probe's heap back
+        ready.probe_model = None
+        release_memory()
         wrapped = make_trainable(experiment, placement, handle, weights, trainable or finetune, probing.head_of(probe))
         if options.resume:
             prune_unknown_trials(location)

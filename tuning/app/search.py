@@ -49,7 +49,8 @@ class Placement:
     feature_cache_gb: float = 4.0  # disk for shared frozen-prefix features, per machine; 0 = off
     memory_gb: float | None = None  # RAM for trials in a Ray started here (None: Ray's default, 70% of free)
     # activations one CPU training step may keep; a larger batch runs as micro-batches (0 = never split).
-    # 1.5: a full fine-tune steps 16 images at a time at 224 px; the 32-sample search peaked at 6.1-6.5 GB (12.3 unsplit)
+    # 1.5: a full fine-tune steps 16 images at a time at 224 px; the 32-sample search then peaked
+    # at 6.0-6.5 GB for the whole process tree (12.0-12.3 GB with whole batches)
     step_memory_gb: float = 1.5
     verbose: bool = False  # Ray's own progress tables instead of our status line
 

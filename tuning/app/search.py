@@ -162,7 +162,7 @@ def trial_resources(
     on_gpu = placement.gpus_per_trial > 0
     steps = step_images(placement, need)
     largest_node = max(n.get("Resources", {}).get("memory", 0.0) for n in nodes)
-    bound = uniform_request(placement, need, nodes)
+    bound = uniform_request(placement, need, nodes, steps)
 
     def resources(config: dict) -> PlacementGroupFactory:
         hp = HParams.from_config(config)
@@ -174,15 +174,13 @@ def trial_resources(
     return resources
 
 
-def uniform_request(placement: Placement, need: footprint.Footprint, nodes: list[dict]) -> int | None:
-    """The most memory any trial can need, if every node fits it in each of its trial slots; else None."""
-    steps = step_images(placement, need)
-    if placement.gpus_per_trial > 0:
-        bound = need.trial_bytes(1, 0, on_gpu=True)  # activations live on the GPU
-    elif steps:
-        bound = max(need.trial_bytes(most, depth, False, steps) for depth, most in enumerate(steps))
-    else:
-        return None  # whole batches: a trial's need ranges from 1 to 6 GB, it asks for its own
+def uniform_request(placement: Placement, need: footprint.Footprint, nodes: list[dict], steps: tuple[int, ...]) -> int | None:
+    """The most memory any trial can need, if every node fits it in each of its trial slots; else
+    None. Without a step bound (GPU, or whole batches) a trial asks for its own: on a GPU that is
+    the worker's base for every trial anyway."""
+    if not steps:
+        return None
+    bound = max(need.trial_bytes(most, depth, False, steps) for depth, most in enumerate(steps))
     for node in nodes:
         have = node.get("Resources", {})
         if have.get("CPU", 0) < placement.cpus_per_trial:

@@ -1,8 +1,10 @@
 """Shared fixtures: one local Ray per test session, and tiny generated ImageFolder datasets."""
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,10 @@ from tuning.lib.files import CACHE_ENV
 
 TINY = "tiny"
 # Decoded stores and feature caches of this test session go to a fresh dir, not ~/.cache; set
-# before Ray starts so its workers inherit it.
+# before Ray starts so its workers inherit it, and removed when the session ends (each run
+# otherwise left ~40 MB behind in /tmp).
 os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="tuning-cache-")
+atexit.register(shutil.rmtree, os.environ[CACHE_ENV], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

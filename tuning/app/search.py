@@ -218,8 +218,8 @@ def make_scheduler(experiment: Experiment) -> RecipeKeepingASHA:
     """ASHA on compute spent, not epochs: a shallow trial is judged after the compute a deep one
     spends in many epochs (tuning.lib.cost). Counted, so the same on a busy machine, and
     restart-proof, unlike training_iteration. A trial ends at its last epoch or at `epochs` full
-    fine-tuning epochs of compute, whichever comes first; the seeds' recipe is not stopped after
-    its first epoch (tuning.app.asha)."""
+    fine-tuning epochs of compute, whichever comes first; the seeds' recipe is never stopped
+    before (tuning.app.asha)."""
     return RecipeKeepingASHA(
         experiment=experiment,
         time_attr=M.COST,

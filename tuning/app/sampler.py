@@ -1,17 +1,11 @@
-"""TPE whose start-up trials come cheap first and still span the space.
+"""TPE whose start-up trials come cheap first and still cover the space.
 
 TPE starts with random trials; a random freeze depth is as likely to be the most expensive (0:
-the whole network trains) as the cheapest (only the head). Here the start-up trials take every
-other depth from the deepest (cheapest, and sharing the most cached work) to the shallowest, with
-every other hyperparameter random as before; so the first results come soon, the depths are
-spanned, and TPE chooses as soon as they are in.
-
-Why every other depth, not each once: in the 32-sample hymenoptera search with each depth once
-(f6db634), the start-up ran the recipe and ten depths, TPE's first own trial started 520 s
-after the first trial, and the shallow half of the start-up (depths 0-5, one epoch each before
-ASHA stopped them, none above the probe) took 1000 of the search's 1526 trial-seconds. TPE's
-model needs the range spanned, not each point of it: a depth between two tried ones is where it
-looks next if they are good."""
+the whole network trains) as the cheapest (only the head). Here the start-up trials take the
+depths from the deepest (cheapest, and sharing the most cached work) to the shallowest, one each,
+with every other hyperparameter random as before; so the first results come soon, and by the end
+of start-up every depth has been tried once (a backbone with more stages than TPE's start-up
+trials stretches it to one trial per depth). After that TPE chooses as usual."""
 from __future__ import annotations
 
 from typing import Any
@@ -24,24 +18,14 @@ from optuna.trial import FrozenTrial
 DEPTH = "freeze_depth"
 
 
-def start_up_depths(num_stages: int, stride: int = 2) -> tuple[int, ...]:
-    """Freeze depths of the start-up trials after the recipe: num_stages, num_stages - stride, ...
-    down to the shallowest that range reaches (depth 0 or 1; the seeds' recipes train from 0)."""
-    return tuple(range(num_stages, -1, -stride))
-
-
 class CheapFirstTPE(TPESampler):
-    """`depths`: the start-up trials' freeze depths in order (trial 0 is the enqueued recipe);
-    TPE's own start-up count is theirs plus the recipe, so it models from the next trial on."""
-
-    def __init__(self, *, depths: tuple[int, ...], seed: int | None = None) -> None:
-        super().__init__(seed=seed, n_startup_trials=len(depths) + 1)
-        self.depths = depths
+    def __init__(self, *, seed: int | None = None, n_startup_trials: int = 10) -> None:
+        super().__init__(seed=seed, n_startup_trials=n_startup_trials)
 
     def sample_independent(
         self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
-        forced = cheap_first(self.depths, trial.number, param_name, param_distribution)
+        forced = cheap_first(trial.number, param_name, param_distribution)
         if forced is not None:
             return forced
         return super().sample_independent(study, trial, param_name, param_distribution)
@@ -52,16 +36,15 @@ class CheapFirstTPE(TPESampler):
         """TPE samples jointly once start-up is over; the cheap-first depths still win where due."""
         params = super().sample_relative(study, trial, search_space)
         for name, distribution in search_space.items():
-            forced = cheap_first(self.depths, trial.number, name, distribution)
+            forced = cheap_first(trial.number, name, distribution)
             if forced is not None:
                 params[name] = forced
         return params
 
 
-def cheap_first(depths: tuple[int, ...], number: int, name: str, distribution: BaseDistribution) -> int | None:
-    """Trial 0 is the enqueued recipe; trials 1..len(depths) take `depths` in order (those inside
-    the distribution's range)."""
-    if name != DEPTH or not isinstance(distribution, IntDistribution) or not 1 <= number <= len(depths):
+def cheap_first(number: int, name: str, distribution: BaseDistribution) -> int | None:
+    """Trial 0 is the enqueued recipe; trials 1..count take each depth once, deepest (cheapest) first."""
+    if name != DEPTH or not isinstance(distribution, IntDistribution):
         return None
-    depth = depths[number - 1]
-    return depth if distribution.low <= depth <= distribution.high else None
+    count = distribution.high - distribution.low + 1
+    return distribution.high - (number - 1) if 1 <= number <= count else None

@@ -24,13 +24,12 @@ from trainables.finetune import finetune
 from trainables.inputs import TrialData
 from tuning.app.asha import RecipeKeepingASHA
 from tuning.app.location import RunLocation
-from tuning.app.sampler import CheapFirstTPE, start_up_depths
+from tuning.app.sampler import CheapFirstTPE
 from tuning.app.steering import Steering
 from tuning.app.syncing import tolerate_vanishing_files
 from tuning.app.tensorboard import TrialBoard, domains
 from tuning.lib import features, footprint
 from tuning.lib import metrics as M
-from tuning.lib.backbones import BACKBONES
 from tuning.lib.cost import epoch_costs
 from tuning.lib.data import decoded_store
 from tuning.lib.errors import UsageError
@@ -196,12 +195,11 @@ def make_searcher(experiment: Experiment, storage: "optuna.storages.BaseStorage 
     """TPE seeded by --seed, its start-up trials cheap first (tuning.app.sampler); the seeds' hand
     recipe is enqueued as the first trial. `storage`: a study seeded with an earlier run's trials
     (--warm-start, tuning.app.warmstart)."""
-    depths = start_up_depths(BACKBONES.get(experiment.backbone).num_stages)
     return OptunaSearch(
         space=space_for(experiment),
         metric=M.OBJECTIVE,
         mode=M.MODE,
-        sampler=CheapFirstTPE(depths=depths, seed=experiment.seed),
+        sampler=CheapFirstTPE(seed=experiment.seed),
         points_to_evaluate=[dict(experiment.recipe)],
         storage=storage,
     )

@@ -5,7 +5,14 @@ the whole network trains) as the cheapest (only the head). Here the start-up tri
 depths from the deepest (cheapest, and sharing the most cached work) to the shallowest, one each,
 with every other hyperparameter random as before; so the first results come soon, and by the end
 of start-up every depth has been tried once (a backbone with more stages than TPE's start-up
-trials stretches it to one trial per depth). After that TPE chooses as usual."""
+trials stretches it to one trial per depth). After that TPE chooses as usual.
+
+Tried and not kept (1ed21e1): every other depth (9, 7, 5, 3, 1) and TPE from the 7th trial. It
+halved the start-up, but with six results TPE went on to pick depths 3 and 4 (145-146/153 in
+their first epoch, as good as the deep ones there, at 50-280 s each): the 32-sample hymenoptera
+search took 957 and 992 s to 0.9542, against 861-916 s and 0.9542-0.9608 with each depth once
+(benchmarks/results/anytime-stride-1ed21e1.json, search-ours-stride-1ed21e1.json). At 8 x 3 it
+met seed 0's 0.9542 at 90 s by its depth-7 trial and ran 15-30 % longer on every seed."""
 from __future__ import annotations
 
 from typing import Any

@@ -39,11 +39,17 @@ def test_a_sync_that_meets_a_vanished_temporary_file_is_retried(tmp_path):
     staging.mkdir()
     stop = threading.Event()
 
+    def save_state() -> None:
+        _atomic_save(state={"x": list(range(20000))}, checkpoint_dir=str(staging),
+                     file_name="search_gen_state-x.json", tmp_file_name="tmp-search_gen_state-x.json")
+
     def save_state_repeatedly() -> None:
         while not stop.is_set():
-            _atomic_save(state={"x": list(range(20000))}, checkpoint_dir=str(staging),
-                         file_name="search_gen_state-x.json", tmp_file_name="tmp-search_gen_state-x.json")
+            save_state()
 
+    # saved once first, as Ray does before it syncs: else the 100 copies may all end before the
+    # saver thread writes anything, and the final check fails for no fault of the copy (seen once in CI)
+    save_state()
     upload = retrying(storage._upload_to_fs_path, attempts=5)
     saver = threading.Thread(target=save_state_repeatedly)
     saver.start()

@@ -9,7 +9,7 @@ val 0.700 after epoch 1 against a head-only trial's 0.921 and was stopped (the s
 scores still enter the rungs, so the other trials are judged against it as before. Exempting only
 its first epoch (263410d) was tried: on the same proxy, seed 1, ASHA stopped the recipe at its
 second epoch (138/140 against a head-only trial's 143 at the 1/3 rung) and the search ended at the
-probe, test 0.9471 instead of 0.9773; on hymenoptera it would have saved the recipe's 411-420 s
+probe, test 0.9471 instead of 0.9773; on hymenoptera it would have saved the recipe's 411-425 s
 slot (it falls from 145/153 to 138 over 8 epochs)."""
 from __future__ import annotations
 

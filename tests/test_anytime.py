@@ -120,7 +120,7 @@ def test_asha_judges_trials_after_equal_compute_not_equal_epochs():
     assert report(good, 8, 1.0, 0.96) == "STOP"  # max_t: 8 full epochs of compute
 
 
-def test_the_seeds_recipe_runs_all_its_epochs_and_still_sets_the_bar():
+def test_the_seeds_recipe_runs_all_its_epochs_while_it_improves_and_still_sets_the_bar():
     experiment = EXPERIMENTS.get("mnist")  # 3 epochs; the recipe is seed 000's Adam at 1e-3
     scheduler = make_scheduler(experiment)
     recipe = SimpleNamespace(trial_id="recipe", config=dict(experiment.recipe))
@@ -141,6 +141,33 @@ def test_the_seeds_recipe_runs_all_its_epochs_and_still_sets_the_bar():
     # not the top third of (0.92, and the recipe's 0.93 recorded there at its second epoch)
     assert scheduler._trial_info["recipe"]._rungs[-1][1] == {"head": 0.92, "recipe": 0.93}
     assert report(other, 0.5, 0.925) == "STOP"
+
+
+def test_the_recipe_stops_once_it_stopped_improving_and_another_trial_is_better():
+    experiment = EXPERIMENTS.get("hymenoptera")  # 8 epochs, patience 2; the recipe trains the whole network
+    assert (experiment.epochs, experiment.recipe_patience) == (8, 2)
+    scheduler = make_scheduler(experiment)
+    recipe, rising, deep = (SimpleNamespace(trial_id=n, config=dict(experiment.recipe)) for n in ("recipe", "rising", "x"))
+    deep.config["freeze_depth"] = 9
+    for trial in (recipe, rising, deep):
+        scheduler.on_trial_add(None, trial)
+
+    def report(trial, epoch: int, correct: int) -> str:
+        per_epoch = 0.01 if trial is deep else 1.0
+        return scheduler.on_trial_result(None, trial, {"cost": epoch * per_epoch, "val_acc": correct / 153})
+
+    # hymenoptera's recipe at f6db634/ea5d469: 145 (the probe's head), then falling; a cheap deep trial holds 146
+    assert [report(deep, e, 146) for e in (1, 2)] == ["CONTINUE"] * 2
+    assert report(recipe, 1, 145) == "CONTINUE"
+    assert report(recipe, 2, 140) == "CONTINUE"  # one epoch without a new best: the dip is let pass
+    assert report(recipe, 3, 142) == "STOP"  # two, and 146 is better than its 145: ASHA alone went on (nothing at rung 3)
+    assert scheduler._num_stopped == 1
+    # a recipe copy that dips and recovers runs on, as does one that holds the search's best while stale
+    assert [report(rising, e, c) for e, c in ((1, 100), (2, 95), (3, 120), (4, 147))] == ["CONTINUE"] * 4
+    assert [report(rising, e, c) for e, c in ((5, 146), (6, 146), (7, 145))] == ["CONTINUE"] * 3
+    assert report(rising, 8, 140) == "STOP"  # max_t, as every trial
+    with pytest.raises(ValueError, match="recipe_patience"):
+        dataclasses.replace(experiment, recipe_patience=0)
 
 
 def test_start_up_trials_come_cheap_first_and_cover_every_depth():

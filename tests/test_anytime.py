@@ -182,4 +182,16 @@ def test_start_up_trials_come_cheap_first_and_cover_every_depth():
         searcher.on_trial_complete(str(i), {"val_acc": 0.5 + 0.01 * config["freeze_depth"]})
     stages = BACKBONES.get(LITE0).num_stages
     assert depths[0] == experiment.recipe["freeze_depth"]  # the recipe, enqueued
-    assert depths[1:11] == list(range(stages, stages - 10, -1))  # 9, 8, ..., 0: deepest (cheapest) first
+    # 9, 8, ..., 1: deepest (cheapest) first, the recipe's depth 0 not again
+    assert depths[1:10] == list(range(stages, 0, -1))
+    assert sorted(depths[:10]) == list(range(stages + 1))
+
+
+def test_start_up_skips_whatever_depth_the_recipe_trains_at():
+    from tuning.app.search import make_searcher
+
+    hymenoptera = EXPERIMENTS.get("hymenoptera")
+    experiment = dataclasses.replace(hymenoptera, recipe={**hymenoptera.recipe, "freeze_depth": 4})
+    searcher = make_searcher(experiment)
+    depths = [searcher.suggest(str(i))["freeze_depth"] for i in range(10)]
+    assert depths == [4, 9, 8, 7, 6, 5, 3, 2, 1, 0]

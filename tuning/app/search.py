@@ -24,7 +24,7 @@ from trainables.finetune import finetune
 from trainables.inputs import TrialData
 from tuning.app.asha import RecipeKeepingASHA
 from tuning.app.location import RunLocation
-from tuning.app.sampler import CheapFirstTPE
+from tuning.app.sampler import DEPTH, CheapFirstTPE
 from tuning.app.steering import Steering
 from tuning.app.syncing import tolerate_vanishing_files
 from tuning.app.tensorboard import TrialBoard, domains
@@ -199,7 +199,7 @@ def make_searcher(experiment: Experiment, storage: "optuna.storages.BaseStorage 
         space=space_for(experiment),
         metric=M.OBJECTIVE,
         mode=M.MODE,
-        sampler=CheapFirstTPE(seed=experiment.seed),
+        sampler=CheapFirstTPE(seed=experiment.seed, recipe_depth=experiment.recipe.get(DEPTH)),
         points_to_evaluate=[dict(experiment.recipe)],
         storage=storage,
     )

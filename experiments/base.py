@@ -42,7 +42,7 @@ class Experiment:
     # The recipe runs on while it improves: it stops once this many epochs passed without a new best
     # of its own while another trial holds a better val_acc (tuning.app.asha). On hymenoptera it
     # peaks at its first epoch (145/153, the probe's head) and falls to 138-140, holding a slot for
-    # 411-425 s of a 32-sample search; 2 lets full fine-tuning's first-epoch dip pass.
+    # 411-462 s of a 32-sample search; 2 lets full fine-tuning's first-epoch dip pass.
     recipe_patience: int = 2
 
     def __post_init__(self) -> None:

@@ -17,7 +17,10 @@ without a new best of its own and another trial has reported a better score, it 
 epoch stays, as any stopped trial's). ASHA itself could not do this: the recipe is usually the
 first trial to reach the last rung (3 full epochs of compute), where nothing is recorded to compare
 with, and after it nothing is judged. With patience 2 a 3-epoch search (MNIST, the 8 x 3
-benchmarks) runs exactly as before: the earliest such stop is after the third epoch."""
+benchmarks) runs exactly as before: the earliest such stop is after the third epoch. Measured on
+the 32-sample hymenoptera search, cold, the same day: the recipe scored 145, 140, 142, 140, 139,
+140, 141, 138 over 462 s at ea5d469 (search 931 s) and stopped after its third epoch at 161 s here
+(search 766 s), both ending at 0.9608."""
 from __future__ import annotations
 
 from dataclasses import dataclass

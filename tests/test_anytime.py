@@ -2,6 +2,7 @@
 never falls below, and ASHA judging trials by compute spent."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import pickle
@@ -9,20 +10,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from experiments import EXPERIMENTS, Experiment
 from tests.conftest import make_image_folder
-from trainables.finetune import initial_head
+from trainables.finetune import initial_head, train_one_epoch
 from tuning.app import probing
 from tuning.app.api import load_data
 from tuning.app.results import RESULTS_FILE
 from tuning.app.search import Placement, feature_cache, make_scheduler
 from tuning.lib.backbones import BACKBONES
-from tuning.lib.checkpoint import load_state
-from tuning.lib.cost import epoch_costs
+from tuning.lib import metrics as M
+from tuning.lib.checkpoint import Feed, load_state
+from tuning.lib.cost import epoch_costs, rung_pauses, rungs, steps_per_epoch
 from tuning.lib.footprint import measure
 from tuning.lib.probe import fit_probe
 
@@ -195,3 +198,71 @@ def test_start_up_skips_whatever_depth_the_recipe_trains_at():
     searcher = make_searcher(experiment)
     depths = [searcher.suggest(str(i))["freeze_depth"] for i in range(10)]
     assert depths == [4, 9, 8, 7, 6, 5, 3, 2, 1, 0]
+
+
+def test_a_rung_inside_an_epoch_is_where_the_trial_reports():
+    milestones = rungs(1 / 3, 3, 8)
+    scheduler = make_scheduler(EXPERIMENTS.get("hymenoptera"))  # grace 1/3, reduction 3, 8 epochs
+    assert milestones == sorted(m for m, _ in scheduler._brackets[0]._rungs)
+    # depth 1 on hymenoptera: 0.984 of a full epoch each, 8 steps of 32 images; the first step at or past each rung
+    assert rung_pauses(0.984, 0, milestones, 8) == [3]  # 3/8 x 0.984 = 0.369 >= 1/3 > 2/8 x 0.984
+    assert rung_pauses(0.984, 1, milestones, 8) == [1]  # rung 1 a step into epoch 2, not at its end (1.97)
+    assert rung_pauses(0.984, 2, milestones, 8) == []
+    assert rung_pauses(1.0, 0, milestones, 8) == [3] and rung_pauses(1.0, 2, milestones, 8) == []  # 3.0: the epoch's end
+    assert rung_pauses(0.366, 0, milestones, 8) == []  # rung 1/3 falls in the last step: the epoch's end judges it
+    assert rung_pauses(0.0, 0, milestones, 8) == []
+    assert steps_per_epoch(244, 32) == 8 and steps_per_epoch(17, 8) == 2 and steps_per_epoch(1, 8) == 1
+
+
+class Linear(torch.nn.Module):
+    """A trainable part without randomness, so a resumed epoch can be compared bit for bit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def trainable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_a_trial_resumed_from_a_report_inside_an_epoch_trains_the_rest_of_that_epoch_only():
+    x, y = torch.randn(20, 4, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 2
+    feed = Feed(y, lambda idx: x[list(idx)], cached=False)
+
+    def epoch(model, first_step=0, pauses=(), pause=None):
+        torch.manual_seed(7)  # the trainable seeds each epoch the same way, resumed or not
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return train_one_epoch(model, optimizer, feed, 8, first_step=first_step, pauses=pauses, pause=pause)
+
+    torch.manual_seed(1)
+    whole, paused = Linear(), {}
+    start = {k: v.clone() for k, v in whole.state_dict().items()}
+    epoch(whole, pauses=[1], pause=lambda done, loss, rate: paused.update(done=done, state=copy.deepcopy(whole.state_dict())))
+    assert paused["done"] == 1 and not torch.equal(paused["state"]["fc.weight"], start["fc.weight"])
+    resumed = Linear()
+    resumed.load_state_dict(paused["state"])
+    epoch(resumed, first_step=1)
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    skipped = Linear()
+    skipped.load_state_dict(paused["state"])
+    epoch(skipped, first_step=3)  # past the last step: nothing left to train
+    assert torch.equal(skipped.fc.weight, paused["state"]["fc.weight"])
+
+
+def test_an_expensive_trial_is_judged_at_a_rung_inside_its_first_epoch(ray_session, tmp_path):
+    """Full fine-tuning, 3 steps an epoch (20 images, batch 8), rungs at 1/3 and 1 epoch of compute:
+    the first report comes a step into the first epoch, with the state to resume from there."""
+    import tuning
+
+    make_image_folder(tmp_path / "data" / "mine", {"train": 10, "val": 4})
+    recipe = {"optimizer": "sgd", "lr": 1e-3, "head_lr_mult": 10.0, "freeze_depth": 0, "batch_size": 8, "weight_decay": 1e-6}
+    experiment = Experiment(name="rungs", dataset=f"folder:{tmp_path / 'data' / 'mine'}", recipe=recipe, image_size=32,
+                            epochs=2, samples=1, grace_period=1 / 3, reduction_factor=3)
+    result = tuning.search(experiment, storage=str(tmp_path / "runs"))
+    (trial_dir,) = Path(result.run_dir).glob("trial_*")
+    progress = pd.read_csv(trial_dir / "progress.csv")
+    assert progress[M.EPOCH].tolist() == [0.333, 1, 2]
+    assert progress[M.COST].tolist() == pytest.approx([1 / 3, 1, 2])
+    states = [load_state(c) for c in trial_dir.glob("checkpoint_*")]
+    assert {(s["epoch"], s["steps"]) for s in states} <= {(0, 1), (1, 0), (2, 0)} and states

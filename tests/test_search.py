@@ -56,7 +56,7 @@ def test_export_is_the_best_epoch_and_reproduces_its_val_accuracy(finished_run, 
     if meta["trial_id"] != "probe":  # the linear probe is exported when no trial beats it
         trial = progress(finished_run / f"trial_{meta['trial_id']}")
         # ties on val_acc go to the latest epoch: more training, equal evidence (and what Ray keeps)
-        best_epoch = int(trial.loc[trial[M.VAL_ACC] == trial[M.VAL_ACC].max(), M.EPOCH].max())
+        best_epoch = trial.loc[trial[M.VAL_ACC] == trial[M.VAL_ACC].max(), M.EPOCH].max()
         assert meta["metrics"][M.EPOCH] == best_epoch
     images = sorted((tiny_root / "tiny" / "val").rglob("*.*"))
     rows = predict(finished_run / "best", images)

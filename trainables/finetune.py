@@ -16,7 +16,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import ray
@@ -29,10 +29,13 @@ from trainables.inputs import TrialData, TrialInputs
 from tuning.lib import metrics as M
 from tuning.lib.backbones import BACKBONES
 from tuning.lib.checkpoint import Feed, autocast, evaluate, load_state, save_state
+from tuning.lib.cost import rung_pauses, rungs, steps_per_epoch
 from tuning.lib.data.transforms import Normalize
 from tuning.lib.footprint import micro_batches
 from tuning.lib.hparams import HParams
 from tuning.lib.model import FineTuneNet, build_model
+
+Pause = Callable[[int, float, float], None]  # (steps done this epoch, mean train loss, images/s)
 
 
 def finetune(
@@ -69,7 +72,7 @@ def fit(
     model = model.to(device)  # channels_last, as build_model makes it
     optimizer = build_optimizer(model, hp)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=experiment.epochs)
-    start = restore(model, optimizer, schedule)
+    start, first_step = restore(model, optimizer, schedule)
 
     norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
     inputs = TrialInputs(dataset, experiment, model, norm, data.cache, device)
@@ -77,24 +80,37 @@ def fit(
     node = ray.get_runtime_context().get_node_id()
     epoch_cost = data.epoch_costs[hp.freeze_depth] if data.epoch_costs else 1.0
     step_images = data.step_images[hp.freeze_depth] if data.step_images else None
+    milestones = rungs(experiment.grace_period, experiment.reduction_factor, experiment.epochs)
+    steps = steps_per_epoch(len(dataset.splits["train"].labels), hp.batch_size)
+
+    def metrics(epoch: float, train_loss: float, images_per_s: float) -> dict[str, Any]:
+        return {M.EPOCH: round(epoch, 3), M.COST: epoch * epoch_cost, M.TRAIN_LOSS: train_loss,
+                M.IMAGES_PER_S: images_per_s, M.NODE_ID: node,
+                **{f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}}  # M.LR_*, this epoch's
+
     for epoch in range(start, experiment.epochs):
         torch.manual_seed(trial_seed + epoch)
-        train_loss, images_per_s = train_one_epoch(model, optimizer, inputs.train(epoch), hp.batch_size, step_images)
+
+        def pause(done: int, train_loss: float, images_per_s: float, epoch: int = epoch) -> None:
+            """A rung inside this epoch: validate and report there (tuning.lib.cost.rung_pauses)."""
+            val_loss, val_acc = evaluate(model, val)
+            report(model, optimizer, schedule, (epoch, done), {
+                M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, **metrics(epoch + done / steps, train_loss, images_per_s)})
+
+        train_loss, images_per_s = train_one_epoch(
+            model, optimizer, inputs.train(epoch), hp.batch_size, step_images,
+            first_step=first_step if epoch == start else 0,
+            pauses=rung_pauses(epoch_cost, epoch, milestones, steps), pause=pause,
+        )
         if not math.isfinite(train_loss):
             # Diverged: end the trial as the worst possible result, which ASHA and Optuna still
             # learn from. No checkpoint and no exception, so no retry storm.
-            tune.report({M.VAL_ACC: 0.0, M.VAL_LOSS: float("nan"), M.TRAIN_LOSS: train_loss,
-                         M.EPOCH: epoch + 1, M.COST: (epoch + 1) * epoch_cost, M.IMAGES_PER_S: images_per_s,
-                         M.NODE_ID: node})
+            tune.report({M.VAL_ACC: 0.0, M.VAL_LOSS: float("nan"), **metrics(epoch + 1, train_loss, images_per_s)})
             return
-        lrs = {f"lr_{group['name']}": group["lr"] for group in optimizer.param_groups}  # M.LR_*, this epoch's
+        done = metrics(epoch + 1, train_loss, images_per_s)  # before the step: the learning rates trained with
         schedule.step()
         val_loss, val_acc = evaluate(model, val)
-        report(model, optimizer, schedule, epoch, {
-            M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, M.TRAIN_LOSS: train_loss,
-            M.EPOCH: epoch + 1, M.COST: (epoch + 1) * epoch_cost, M.IMAGES_PER_S: images_per_s, M.NODE_ID: node,
-            **lrs,
-        })
+        report(model, optimizer, schedule, (epoch + 1, 0), {M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, **done})
         release_memory()
 
 
@@ -154,20 +170,25 @@ def build_optimizer(model: FineTuneNet, hp: HParams) -> torch.optim.Optimizer:
 
 
 def train_one_epoch(
-    model: FineTuneNet, optimizer: torch.optim.Optimizer, feed: Feed, batch_size: int, step_images: int | None = None
+    model: FineTuneNet, optimizer: torch.optim.Optimizer, feed: Feed, batch_size: int, step_images: int | None = None,
+    *, first_step: int = 0, pauses: Sequence[int] = (), pause: Pause | None = None,
 ) -> tuple[float, float]:
     """One optimizer step per batch; a batch larger than `step_images` runs as micro-batches whose
     losses are weighted by their share of the batch, so the summed gradient is the whole batch's.
-    Only BatchNorm differs: its statistics are each micro-batch's (as in ghost batch norm)."""
+    Only BatchNorm differs: its statistics are each micro-batch's (as in ghost batch norm).
+    After step k in `pauses`, `pause(k, mean loss so far, images/s)` validates and reports mid-epoch;
+    a trial resumed from such a report starts at `first_step` (the batch order is the epoch's own)."""
     model.train()
     device = feed.labels.device
     loss_fn = nn.CrossEntropyLoss()
     order = torch.randperm(len(feed)).tolist()
     total, seen, start = 0.0, 0, time.perf_counter()
-    for i in range(0, len(order), batch_size):
+    for step, i in enumerate(range(0, len(order), batch_size)):
         idx = order[i : i + batch_size]
-        if len(idx) < 2 and seen:  # a batch of one breaks BatchNorm; drop the ragged tail
+        if len(idx) < 2 and (seen or step):  # a batch of one breaks BatchNorm; drop the ragged tail
             break
+        if step < first_step:
+            continue
         optimizer.zero_grad(set_to_none=True)
         offset = 0
         for size in micro_batches(len(idx), step_images or len(idx)):
@@ -182,23 +203,27 @@ def train_one_epoch(
             total += loss.item() * size
         optimizer.step()
         seen += len(idx)
+        if pause is not None and step + 1 in pauses:
+            pause(step + 1, total / seen, seen / (time.perf_counter() - start))
+            model.train()
     return total / max(seen, 1), seen / (time.perf_counter() - start)
 
 
-def report(model, optimizer, schedule, epoch: int, result: dict[str, float]) -> None:
+def report(model, optimizer, schedule, at: tuple[int, int], result: dict[str, Any]) -> None:
+    """`at`: (epochs done, steps done in the next): where a restarted trial continues."""
     with tempfile.TemporaryDirectory() as tmp:
-        save_state(tmp, model, optimizer, schedule, epoch + 1)
+        save_state(tmp, model, optimizer, schedule, *at)
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def restore(model, optimizer, schedule) -> int:
-    """The epoch to start from: 0, or the one after the last checkpoint of a restarted trial."""
+def restore(model, optimizer, schedule) -> tuple[int, int]:
+    """The epoch and step to start from: (0, 0), or where the last checkpoint of a restarted trial was taken."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, 0
     with checkpoint.as_directory() as path:
         state = load_state(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    return int(state["epoch"])
+    return int(state["epoch"]), int(state.get("steps", 0))

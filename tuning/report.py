@@ -84,7 +84,7 @@ def plot_curves(run_dir: str, table: pd.DataFrame, max_epochs: int, out: Path) -
     for s, c in colours.items():
         if s in status.values():
             ax.plot([], [], color=c, label=s)
-    ax.set(xlabel="epoch", ylabel="val_acc", xlim=(0.8, max_epochs + 0.2),
+    ax.set(xlabel="epoch (fractions: reports at an ASHA rung inside an epoch)", ylabel="val_acc", xlim=(0, max_epochs + 0.2),
            title="val_acc per epoch (x: stopped early by ASHA)")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)

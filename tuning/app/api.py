@@ -98,7 +98,7 @@ class SearchOptions:
 class SearchResult:
     best_config: dict[str, Any]
     best_val_acc: float
-    best_epoch: int
+    best_epoch: int | float  # 1.333: the report at an ASHA rung a third into epoch 2
     best_trial_id: str
     test_acc: float | None
     test_images: int | None
@@ -274,7 +274,7 @@ def search(
         ended_by = f"the time budget ({options.time_budget}): {len(grid)} of {experiment.samples} trials started"
     errors = [(r.path.rsplit("_", 1)[-1], str(r.error).strip().splitlines()[-1][:200]) for r in grid if r.error is not None]
     return SearchResult(
-        best_config=dict(best.config), best_val_acc=float(best.metrics["val_acc"]), best_epoch=int(best.metrics["epoch"]),
+        best_config=dict(best.config), best_val_acc=float(best.metrics["val_acc"]), best_epoch=results.epoch_number(best.metrics["epoch"]),
         best_trial_id=best.trial_id, test_acc=test_acc, test_images=len(test) if test is not None else None,
         export_dir=export_dir, run_dir=location.uri, results_file=table, trials=len(grid), errors=errors,
         wall_s=time.time() - started, ended_by=ended_by,

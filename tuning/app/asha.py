@@ -29,6 +29,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from experiments.base import Experiment
+from tuning.lib import metrics as M
 
 
 @dataclass
@@ -56,7 +57,7 @@ class RecipeKeepingASHA(ASHAScheduler):
         progress = self._recipes.get(trial.trial_id)
         if progress is None or score > progress.best:
             progress = self._recipes[trial.trial_id] = Progress(score)
-        else:
+        elif float(result.get(M.EPOCH, 1)).is_integer():  # a report at a rung inside an epoch is not an epoch
             progress.stale += 1
         if progress.stale >= self._experiment.recipe_patience and progress.best < best_before:
             if action != TrialScheduler.STOP:

@@ -21,7 +21,6 @@ from typing import Any
 from ray.tune import Stopper
 from ray.tune.search import Searcher
 
-from tuning.lib import metrics as M
 from tuning.lib.errors import UsageError
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -76,8 +75,8 @@ class BudgetStopper(Stopper):
 
 class BudgetedSearcher(Searcher):
     """Wraps the real searcher: suggests nothing more once a new trial could not reach its first
-    report in the time left (ASHA judges by compute, tuning.lib.cost, so a trial's first epoch is
-    the first point where it can show anything); everything else is the wrapped searcher's."""
+    report in the time left (ASHA judges by compute, tuning.lib.cost: a trial's first report, at
+    its first epoch's end or at a rung inside it, is the first point where it can show anything); everything else is the wrapped searcher's."""
 
     def __init__(self, searcher: Searcher, budget: Budget) -> None:
         super().__init__(metric=searcher.metric, mode=searcher.mode)
@@ -93,7 +92,7 @@ class BudgetedSearcher(Searcher):
         return self.searcher.suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if result.get(M.EPOCH) == 1 and "time_total_s" in result:
+        if result.get("training_iteration") == 1 and "time_total_s" in result:
             seconds = float(result["time_total_s"])
             self.fastest_rung_s = seconds if self.fastest_rung_s is None else min(self.fastest_rung_s, seconds)
         self.searcher.on_trial_result(trial_id, result)

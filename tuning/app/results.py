@@ -25,6 +25,12 @@ COMPLETED, STOPPED, ERRORED, DIVERGED, RUNNING, PENDING = (
 )
 
 
+def epoch_number(value: Any) -> int | float:
+    """Whole epochs as ints; a report at an ASHA rung inside an epoch (trainables.finetune) as its fraction, 1.333."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
 def trial_status(ray_status: str, history: pd.DataFrame, max_epochs: int) -> str:
     if ray_status == "ERROR":
         return ERRORED
@@ -34,7 +40,7 @@ def trial_status(ray_status: str, history: pd.DataFrame, max_epochs: int) -> str
         return RUNNING
     if not history.empty and not math.isfinite(history[M.TRAIN_LOSS].iloc[-1]):
         return DIVERGED
-    epochs = int(history[M.EPOCH].max()) if not history.empty else 0
+    epochs = float(history[M.EPOCH].max()) if not history.empty else 0
     return COMPLETED if epochs >= max_epochs else STOPPED
 
 
@@ -53,10 +59,10 @@ def collect(location: RunLocation) -> pd.DataFrame:
         row.update({f"hp_{k}": v for k, v in trial.config.items()})
         row.update(
             best_val_acc=float(best[M.VAL_ACC]) if best is not None else None,
-            best_epoch=int(best[M.EPOCH]) if best is not None else None,
+            best_epoch=epoch_number(best[M.EPOCH]) if best is not None else None,
             best_val_loss=float(best[M.VAL_LOSS]) if best is not None else None,
             last_val_acc=float(history[M.VAL_ACC].iloc[-1]) if len(history) else None,
-            epochs_run=int(history[M.EPOCH].max()) if len(history) else 0,
+            epochs_run=epoch_number(history[M.EPOCH].max()) if len(history) else 0,
             status=trial_status(trial.status, history, experiment.epochs),
             wall_time_s=float(history["time_total_s"].iloc[-1]) if len(history) else 0.0,
             node_id=str(history[M.NODE_ID].iloc[-1]) if len(history) and M.NODE_ID in history else None,

@@ -129,7 +129,8 @@ class TrialBoard(LoggerCallback):
     def log_trial_result(self, iteration: int, trial: Trial, result: dict) -> None:
         if trial not in self.writers:
             self.log_trial_start(trial)
-        step = int(result.get(M.EPOCH) or result.get("training_iteration", iteration))
+        # the epoch a result belongs to: a report at a rung inside epoch 2 (1.333) is drawn at step 2 too
+        step = math.ceil(result.get(M.EPOCH) or result.get("training_iteration", iteration))
         if result.get(M.VAL_ACC) is None:
             return
         for tag, key in SCALARS.items():

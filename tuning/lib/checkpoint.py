@@ -16,10 +16,11 @@ CHECKPOINT_FILE = "state.pt"
 
 
 def save_state(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-               schedule: Any, epoch: int) -> None:
-    """`epoch` is the number of epochs done: a restarted trial continues with the next one."""
+               schedule: Any, epoch: int, steps: int = 0) -> None:
+    """`epoch` is the number of epochs done and `steps` the optimizer steps done in the next (a
+    report at an ASHA rung inside an epoch): a restarted trial continues from there."""
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "epoch": epoch}, Path(folder) / CHECKPOINT_FILE)
+                "schedule": schedule.state_dict(), "epoch": epoch, "steps": steps}, Path(folder) / CHECKPOINT_FILE)
 
 
 def load_state(folder: str | Path) -> dict[str, Any]:

@@ -8,6 +8,8 @@ one; the frozen prefix costs a forward pass per image only where it is not read 
 feature cache. Stage FLOPs come from `tuning.lib.footprint.stage_costs`."""
 from __future__ import annotations
 
+import math
+
 from tuning.lib.footprint import Footprint
 
 
@@ -27,3 +29,36 @@ def epoch_costs(footprint: Footprint, n_train: int, n_val: int, cache_on: bool) 
 
     full = cost(0)
     return tuple(cost(d) / full for d in range(len(flops) + 1))
+
+
+def rungs(grace_period: float, reduction_factor: float, max_t: float) -> list[float]:
+    """ASHA's milestones, in cost, lowest first: as Ray's `ASHAScheduler` derives them (one bracket)."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return [grace_period * reduction_factor**k for k in range(count)]
+
+
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Optimizer steps in an epoch: `trainables.finetune.train_one_epoch` drops a ragged tail of one image."""
+    steps = math.ceil(images / batch_size)
+    return steps - 1 if steps > 1 and images % batch_size == 1 else steps
+
+
+def rung_pauses(epoch_cost: float, epoch: int, milestones: list[float], steps: int) -> list[int]:
+    """After how many of epoch `epoch`'s (0-based) `steps` a trial reports, because an ASHA rung
+    falls inside that epoch: so an expensive shallow trial is judged when it has spent a rung's
+    compute, not at the end of the epoch that crosses it. A depth-1 trial on EfficientNet-Lite0
+    (0.98 of a full epoch each) meets the first rung, 1/3, a third into its first epoch, and the
+    second, 1, one step into its second. Each pause is the first step at or past its rung."""
+    if epoch_cost <= 0:
+        return []
+    pauses = set()
+    for milestone in milestones:
+        inside = milestone / epoch_cost - epoch
+        if not 0 < inside < 1:
+            continue
+        k = math.ceil(inside * steps - 1e-9)
+        while k < steps and (epoch + k / steps) * epoch_cost < milestone:
+            k += 1  # float rounding must not leave a report just short of its rung
+        if 0 < k < steps:
+            pauses.add(k)
+    return sorted(pauses)

@@ -39,17 +39,17 @@ class Experiment:
     # 338 / 360 / 268 s, ending at 0.9477 / 0.9542 / 0.9542 (that recipe trial itself: 0.902). MNIST's
     # Adam recipe is the other way round (experiments/mnist.py).
     recipe_head: str = "probe"
-    # The recipe runs on while it improves: it stops once this many epochs passed without a new best
-    # of its own while another trial holds a better val_acc (tuning.app.asha). On hymenoptera it
-    # peaks at its first epoch (145/153, the probe's head) and falls to 138-140, holding a slot for
-    # 411-462 s of a 32-sample search; 2 lets full fine-tuning's first-epoch dip pass.
-    recipe_patience: int = 2
+    # Every trial stops on a plateau: once this many whole epochs passed without a new best of its
+    # own while another trial holds one at least as good (tuning.app.asha). The seeds' recipe peaks
+    # at its first report on hymenoptera (146/153) and fell to 138-141, holding a slot for 255-462 s
+    # of a 32-sample search; 3 let the search's best trial (146, 146, 145, then 147) reach its peak.
+    patience: int = 3
 
     def __post_init__(self) -> None:
         if self.recipe_head not in ("probe", "random"):
             raise ValueError(f"recipe_head must be 'probe' or 'random', not {self.recipe_head!r}")
-        if self.recipe_patience < 1:
-            raise ValueError(f"recipe_patience must be at least 1, not {self.recipe_patience}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be at least 1, not {self.patience}")
 
     def is_recipe(self, config: dict[str, Any]) -> bool:
         """Whether a trial's configuration is the seeds' recipe, which ASHA lets run while it improves."""

@@ -12,15 +12,17 @@ second epoch (138/140 against a head-only trial's 143 at the 1/3 rung) and the s
 probe, test 0.9471 instead of 0.9773; on hymenoptera it would have saved the recipe's 411-425 s
 slot (it falls from 145/153 to 138 over 8 epochs).
 
-So the recipe's exemption lasts while it improves: once `Experiment.recipe_patience` epochs passed
-without a new best of its own and another trial has reported a better score, it stops (its best
-epoch stays, as any stopped trial's). ASHA itself could not do this: the recipe is usually the
-first trial to reach the last rung (3 full epochs of compute), where nothing is recorded to compare
-with, and after it nothing is judged. With patience 2 a 3-epoch search (MNIST, the 8 x 3
-benchmarks) runs exactly as before: the earliest such stop is after the third epoch. Measured on
-the 32-sample hymenoptera search, cold, the same day: the recipe scored 145, 140, 142, 140, 139,
-140, 141, 138 over 462 s at ea5d469 (search 931 s) and stopped after its third epoch at 161 s here
-(search 766 s), both ending at 0.9608."""
+Every trial, the recipe too, also stops on a plateau: once `Experiment.patience` whole epochs
+passed without a new best of its own while another trial has reported one at least as good (its
+best epoch stays, as any stopped trial's). ASHA alone cannot do this: a rung's first arrivals pass
+it, and few trials ever reach the last rung (3 full epochs of compute). In the 32-sample
+hymenoptera search at 145818d the recipe scored 146 (a rung inside its first epoch), 145, 140,
+141, 140, ... over all 8 epochs (255 s), tied with a deep trial's 146, and a depth-2 trial scored
+146 at half an epoch, then 145 to 138, and held a slot for 281 s: the first at rung 3, it passed
+against the recipe's 141. Patience 3, not 2: the search's best (147) came from a depth-4 trial at
+its third epoch after 146, 146, 145. A 3-epoch search (MNIST, the 8 x 3 benchmarks) cannot stop a
+trial this way before its last epoch. Tried first (a2bba97): patience 2 for the recipe alone and
+only while another trial was strictly better: with the recipe's 146 tied, it ran its 8 epochs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,36 +37,39 @@ from tuning.lib import metrics as M
 @dataclass
 class Progress:
     best: float  # in ASHA's sign: higher is better
-    stale: int = 0  # epochs since its best
+    stale: int = 0  # whole epochs since its best
 
 
 class RecipeKeepingASHA(ASHAScheduler):
     def __init__(self, *, experiment: Experiment, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._experiment = experiment
-        self._search_best = float("-inf")  # the best score any trial reported, in ASHA's sign
-        self._recipes: dict[str, Progress] = {}
+        self._progress: dict[str, Progress] = {}
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
         score = result.get(self._metric)
         if score is None or not self._metric_op:
             return action
-        score = self._metric_op * score
-        best_before, self._search_best = self._search_best, max(self._search_best, score)
-        if not self._experiment.is_recipe(trial.config):
-            return action
-        progress = self._recipes.get(trial.trial_id)
-        if progress is None or score > progress.best:
-            progress = self._recipes[trial.trial_id] = Progress(score)
-        elif float(result.get(M.EPOCH, 1)).is_integer():  # a report at a rung inside an epoch is not an epoch
-            progress.stale += 1
-        if progress.stale >= self._experiment.recipe_patience and progress.best < best_before:
+        if self._plateaued(trial.trial_id, self._metric_op * score, result):
             if action != TrialScheduler.STOP:
                 self._num_stopped += 1
             return TrialScheduler.STOP
         spent = result.get(self._time_attr)
-        if action == TrialScheduler.STOP and spent is not None and spent < self._max_t:
+        if self._experiment.is_recipe(trial.config) and action == TrialScheduler.STOP and spent is not None \
+                and spent < self._max_t:
             self._num_stopped -= 1
             return TrialScheduler.CONTINUE
         return action
+
+    def _plateaued(self, trial_id: str, score: float, result: dict) -> bool:
+        """`Experiment.patience` whole epochs without a new best of its own, while another trial
+        has reported one at least as good (a report at a rung inside an epoch counts as a score,
+        not as an epoch)."""
+        others = max((p.best for t, p in self._progress.items() if t != trial_id), default=float("-inf"))
+        progress = self._progress.get(trial_id)
+        if progress is None or score > progress.best:
+            progress = self._progress[trial_id] = Progress(score)
+        elif float(result.get(M.EPOCH, 1)).is_integer():
+            progress.stale += 1
+        return progress.stale >= self._experiment.patience and others >= progress.best

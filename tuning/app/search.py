@@ -215,9 +215,10 @@ def allow_checkpoint_per_epoch() -> None:
 def make_scheduler(experiment: Experiment) -> RecipeKeepingASHA:
     """ASHA on compute spent, not epochs: a shallow trial is judged after the compute a deep one
     spends in many epochs (tuning.lib.cost). Counted, so the same on a busy machine, and
-    restart-proof, unlike training_iteration. A trial ends at its last epoch or at `epochs` full
-    fine-tuning epochs of compute, whichever comes first; the seeds' recipe is never stopped
-    before (tuning.app.asha)."""
+    restart-proof, unlike training_iteration. A trial reports at a rung inside an epoch
+    (tuning.lib.cost.rung_pauses). A trial ends at its last epoch or at `epochs` full fine-tuning
+    epochs of compute, whichever comes first, or on a plateau; the seeds' recipe is exempt from
+    the rungs (tuning.app.asha)."""
     return RecipeKeepingASHA(
         experiment=experiment,
         time_attr=M.COST,

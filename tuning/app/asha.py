@@ -1,4 +1,4 @@
-"""ASHA that lets the seeds' recipe run while it improves.
+"""ASHA that exempts the seeds' recipe from its rungs, and stops any trial on a plateau.
 
 The recipe is enqueued first so that the search never ends worse than the hand-tuned tutorial
 (README). ASHA on compute (tuning.lib.cost) judges it after its first full fine-tuning epoch
@@ -22,8 +22,10 @@ hymenoptera search at 145818d the recipe scored 146 (a rung inside its first epo
 against the recipe's 141. Patience 3, not 2: the search's best (147) came from a depth-4 trial at
 its third epoch after 146, 146, 145. Trials whose epochs cost less than the first rung (deep
 ones, a few seconds each) are left to run, as ASHA leaves them. A 3-epoch search (MNIST, the
-8 x 3 benchmarks) cannot stop a trial this way before its last epoch. Tried first (a2bba97): patience 2 for the recipe alone and
-only while another trial was strictly better: with the recipe's 146 tied, it ran its 8 epochs."""
+8 x 3 benchmarks) cannot stop a trial this way before its last epoch. Tried first (a2bba97):
+patience 2 for the recipe alone and only while another trial was strictly better: with the
+recipe's 146 tied, it ran its 8 epochs. At 3399a93 the recipe and that depth-2 trial stopped after
+their third epoch (111 s and 115 s) and the search took 369 s, ending at 0.9608."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -183,12 +183,8 @@ def train_one_epoch(
     loss_fn = nn.CrossEntropyLoss()
     order = torch.randperm(len(feed)).tolist()
     total, seen, start = 0.0, 0, time.perf_counter()
-    for step, i in enumerate(range(0, len(order), batch_size)):
-        idx = order[i : i + batch_size]
-        if len(idx) < 2 and (seen or step):  # a batch of one breaks BatchNorm; drop the ragged tail
-            break
-        if step < first_step:
-            continue
+    for step in range(first_step, steps_per_epoch(len(order), batch_size)):  # without a ragged tail of one
+        idx = order[step * batch_size : (step + 1) * batch_size]
         optimizer.zero_grad(set_to_none=True)
         offset = 0
         for size in micro_batches(len(idx), step_images or len(idx)):

@@ -38,7 +38,8 @@ def rungs(grace_period: float, reduction_factor: float, max_t: float) -> list[fl
 
 
 def steps_per_epoch(images: int, batch_size: int) -> int:
-    """Optimizer steps in an epoch: `trainables.finetune.train_one_epoch` drops a ragged tail of one image."""
+    """Optimizer steps in an epoch (`trainables.finetune.train_one_epoch` takes them from here): a
+    ragged tail of one image is dropped, as a batch of one breaks BatchNorm."""
     steps = math.ceil(images / batch_size)
     return steps - 1 if steps > 1 and images % batch_size == 1 else steps
 

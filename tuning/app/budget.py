@@ -76,7 +76,8 @@ class BudgetStopper(Stopper):
 class BudgetedSearcher(Searcher):
     """Wraps the real searcher: suggests nothing more once a new trial could not reach its first
     report in the time left (ASHA judges by compute, tuning.lib.cost: a trial's first report, at
-    its first epoch's end or at a rung inside it, is the first point where it can show anything); everything else is the wrapped searcher's."""
+    its first epoch's end or at a rung inside it, is the first point where it can show anything);
+    everything else is the wrapped searcher's."""
 
     def __init__(self, searcher: Searcher, budget: Budget) -> None:
         super().__init__(metric=searcher.metric, mode=searcher.mode)

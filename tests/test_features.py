@@ -213,3 +213,24 @@ def test_a_search_shares_the_cache_between_trials(finished_run):
     entries = {p.name for p in (cache / "features").glob("*/d*-val.npy")}
     assert {f"d{d}-val.npy" for d in depths} <= entries
     assert len(list((cache / "store").glob("*.arrow"))) >= 1
+
+
+def test_epochs_past_train_views_echo_the_first_views_and_the_cache_holds_only_those(tmp_path):
+    """With 2 views, epoch 3 trains on epoch 1's crops (in a new order), and eight epochs at a
+    cached depth leave only two epochs' features in the cache; without the bound, eight."""
+    data = random_dataset()
+    norm = Normalize((0.5,) * 3, (0.5,) * 3)
+    for views, expected in ((2, {"train-e0", "train-e1"}), (None, {f"train-e{e}" for e in range(8)})):
+        experiment = Experiment(name="x", dataset="x", image_size=32, train_views=views)
+        cache = FeatureCache(f"ns{views}", 2**30, root=str(tmp_path))
+        inputs = TrialInputs(data, experiment, lite0(9), norm, cache, torch.device("cpu"))
+        feeds = [inputs.train(epoch) for epoch in range(8)]
+        names = {p.name.split("-", 1)[1].removesuffix(".npy") for p in (tmp_path / f"ns{views}").glob("d9-train-*.npy")}
+        assert names == expected
+        same = torch.equal(feeds[3].batch([0, 5]), feeds[1].batch([0, 5]))
+        assert same == (views == 2)
+        assert not torch.equal(feeds[1].batch([0, 5]), feeds[0].batch([0, 5]))
+        direct = TrialInputs(data, experiment, lite0(0), norm, None, torch.device("cpu"))
+        assert torch.equal(direct.train(3).batch([2]), direct.train(1 if views else 3).batch([2]))
+    with pytest.raises(ValueError, match="train_views"):
+        Experiment(name="x", dataset="x", train_views=0)

@@ -35,6 +35,7 @@ class TrialInputs:
     ) -> None:
         self.train_split, val = dataset.splits["train"], dataset.splits["val"]
         self.views = TrainViews(experiment.image_size, tuple(experiment.crop_scale), experiment.hflip, experiment.seed)
+        self.train_views = experiment.train_views
         self.model, self.norm, self.cache, self.device = model, norm, cache, device
         # validation crops are the same every epoch: cut once, kept on the device
         self.val_x = eval_batch(val.images, experiment.image_size).to(device)
@@ -44,10 +45,14 @@ class TrialInputs:
     def _input(self, uint8: torch.Tensor) -> torch.Tensor:
         return self.norm(uint8.to(self.device, non_blocking=True))  # the model converts to its layout
 
+    def view_of(self, epoch: int) -> int:
+        """Which of the fixed views epoch `epoch` trains on (`Experiment.train_views`)."""
+        return epoch % self.train_views if self.train_views else epoch
+
     def train(self, epoch: int) -> Feed:
-        images = self.train_split.images
-        return self._feed(f"train-e{epoch}", self.train_y,
-                          lambda idx: self._input(self.views.batch(images, idx, epoch)))
+        images, view = self.train_split.images, self.view_of(epoch)
+        return self._feed(f"train-e{view}", self.train_y,
+                          lambda idx: self._input(self.views.batch(images, idx, view)))
 
     def val(self) -> Feed:
         return self._feed("val", self.val_y, lambda idx: self._input(self.val_x[list(idx)]))

@@ -2,9 +2,10 @@
 machine and shared by every trial with freeze depth k.
 
 Frozen stages have fixed pretrained weights and BatchNorm in eval mode, so their output for an
-image depends only on the input view; views are fixed per (seed, epoch, image)
-(`tuning.lib.data.transforms.TrainViews`), so every trial at depth k needs the very same arrays: validation
-features once, training features once per epoch. Each entry is a `.npy` file, memory-mapped by the
+image depends only on the input view; views are fixed per (seed, view, image)
+(`tuning.lib.data.transforms.TrainViews`; epochs cycle through `Experiment.train_views` views), so
+every trial at depth k needs the very same arrays: validation features once, training features
+once per view. Each entry is a `.npy` file, memory-mapped by the
 trials that read it. A per-entry file lock makes two trials that need an entry at the same time
 compute it once; a deeper entry starts from the deepest shallower one already cached. The cache
 never holds more than `limit_bytes` on disk: least recently used entries are evicted, and an entry

@@ -51,6 +51,12 @@ class Experiment:
     # at its first report on hymenoptera (146/153) and fell to 138-141, holding a slot for 255-462 s
     # of a 32-sample search; 3 let the search's best trial (146, 146, 145, then 147) reach its peak.
     patience: int = 3
+    # ... or sooner, once a trial's epochs since its best cost this many full fine-tuning epochs
+    # (tuning.lib.cost): a plateau is judged by compute spent, as ASHA's rungs are. In the 32-sample
+    # hymenoptera search the recipe (1.0 per epoch: 146, 145, 140, 141) and a depth-2 trial (0.97:
+    # 146, 145, 143, 138) held a slot for a third stale epoch, 30 s each; at 1.5 they stop after two.
+    # A depth-4 or 5 trial (about 0.6 per epoch) still gets three: the late 147 above came from one.
+    patience_cost: float = 1.5
 
     def __post_init__(self) -> None:
         if self.recipe_head not in ("probe", "random"):
@@ -59,6 +65,8 @@ class Experiment:
             raise ValueError(f"train_views must be at least 1 (or None), not {self.train_views}")
         if self.patience < 1:
             raise ValueError(f"patience must be at least 1, not {self.patience}")
+        if self.patience_cost <= 0:
+            raise ValueError(f"patience_cost must be positive, not {self.patience_cost}")
 
     def is_recipe(self, config: dict[str, Any]) -> bool:
         """Whether a trial's configuration is the seeds' recipe, which ASHA lets run while it improves."""

@@ -25,7 +25,9 @@ ones, a few seconds each) are left to run, as ASHA leaves them. A 3-epoch search
 8 x 3 benchmarks) cannot stop a trial this way before its last epoch. Tried first (a2bba97):
 patience 2 for the recipe alone and only while another trial was strictly better: with the
 recipe's 146 tied, it ran its 8 epochs. At 3399a93 the recipe and that depth-2 trial stopped after
-their third epoch (111 s and 115 s) and the search took 369 s, ending at 0.9608."""
+their third epoch (111 s and 115 s) and the search took 369 s, ending at 0.9608. Since then
+patience is capped in compute as well (`Experiment.patience_cost`, 1.5 full fine-tuning epochs):
+the recipe and depth-2 trials stop after two stale epochs, depth 4-5 trials still after three."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,11 +68,12 @@ class RecipeKeepingASHA(ASHAScheduler):
         return action
 
     def _plateaued(self, trial_id: str, score: float, result: dict) -> bool:
-        """`Experiment.patience` whole epochs without a new best of its own, while another trial
-        has reported one at least as good (a report at a rung inside an epoch counts as a score,
-        not as an epoch). A trial whose epochs cost less than the first rung is left alone, as
-        ASHA leaves it: stopping one saves seconds and may cost its late best (at 01a5ee6, which
-        stopped deep trials after 4-6 epochs too, the 32-sample search ended at 0.9542 in 378 s)."""
+        """`Experiment.patience` whole epochs without a new best of its own, or fewer that cost
+        `Experiment.patience_cost` full fine-tuning epochs, while another trial has reported one at
+        least as good (a report at a rung inside an epoch counts as a score, not as an epoch). A
+        trial whose epochs cost less than the first rung is left alone, as ASHA leaves it: stopping
+        one saves seconds and may cost its late best (at 01a5ee6, which stopped deep trials after
+        4-6 epochs too, the 32-sample search ended at 0.9542 in 378 s)."""
         others = max((p.best for t, p in self._progress.items() if t != trial_id), default=float("-inf"))
         progress = self._progress.get(trial_id)
         if progress is None or score > progress.best:
@@ -78,5 +81,9 @@ class RecipeKeepingASHA(ASHAScheduler):
         elif float(result.get(M.EPOCH, 1)).is_integer():
             progress.stale += 1
         cost, epoch = result.get(self._time_attr), result.get(M.EPOCH)
-        cheap = cost is not None and bool(epoch) and cost / epoch < self._experiment.grace_period
-        return not cheap and progress.stale >= self._experiment.patience and others >= progress.best
+        per_epoch = cost / epoch if cost is not None and epoch else None
+        if per_epoch is not None and per_epoch < self._experiment.grace_period:
+            return False  # a cheap trial
+        spent = progress.stale * (per_epoch or 0.0)  # compute since its best, counted in whole epochs
+        waited = progress.stale >= self._experiment.patience or spent >= self._experiment.patience_cost - 1e-9
+        return progress.stale > 0 and waited and others >= progress.best

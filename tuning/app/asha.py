@@ -86,4 +86,4 @@ class RecipeKeepingASHA(ASHAScheduler):
             return False  # a cheap trial
         spent = progress.stale * (per_epoch or 0.0)  # compute since its best, counted in whole epochs
         waited = progress.stale >= self._experiment.patience or spent >= self._experiment.patience_cost - 1e-9
-        return progress.stale > 0 and waited and others >= progress.best
+        return waited and others >= progress.best

@@ -47,7 +47,7 @@ class Experiment:
     # Adam recipe is the other way round (experiments/mnist.py).
     recipe_head: str = "probe"
     # Every trial stops on a plateau: once this many whole epochs passed without a new best of its
-    # own while another trial holds one at least as good (tuning.app.asha). The seeds' recipe peaks
+    # own, even while that best leads the search (tuning.app.asha). The seeds' recipe peaks
     # at its first report on hymenoptera (146/153) and fell to 138-141, holding a slot for 255-462 s
     # of a 32-sample search; 3 let the search's best trial (146, 146, 145, then 147) reach its peak.
     patience: int = 3

@@ -146,7 +146,7 @@ def test_the_seeds_recipe_runs_all_its_epochs_while_it_improves_and_still_sets_t
     assert report(other, 0.5, 0.925) == "STOP"
 
 
-def test_a_trial_stops_on_a_plateau_once_another_is_at_least_as_good():
+def test_a_trial_stops_on_a_plateau_even_while_it_holds_the_search_best():
     experiment = EXPERIMENTS.get("hymenoptera")  # 8 epochs, patience 3 (or 1.5 epochs of compute), rungs at 1/3, 1, 3
     assert (experiment.epochs, experiment.patience, experiment.patience_cost) == (8, 3, 1.5)
     scheduler = make_scheduler(experiment)
@@ -162,28 +162,30 @@ def test_a_trial_stops_on_a_plateau_once_another_is_at_least_as_good():
         per_epoch = {"recipe": 1.0, "deep": 0.01, "depth2": 0.97}.get(trial.trial_id, 0.5)
         return scheduler.on_trial_result(None, trial, {"cost": epoch * per_epoch, "val_acc": correct / 153, "epoch": epoch})
 
-    # hymenoptera at 145818d: a deep trial holds 146; the recipe scores 146 at a rung inside its first
-    # epoch, then 145, 140: two whole epochs without a new best cost 2 full epochs (>= 1.5), and
-    # 146 is as good as its own. 145818d ran it on to epoch 8 (255 s), 3399a93 to epoch 3.
-    assert [report(deep, e, 146) for e in (1, 2)] == ["CONTINUE"] * 2
+    # hymenoptera 8 x 3, seeds 0-2 at 592ac15: the recipe alone holds the best, 146 at a rung inside
+    # its first epoch, then 145, 139-140: two whole epochs without a new best cost 2 full epochs
+    # (>= 1.5). 592ac15, which stopped only trials that another matched, ran its third epoch, the
+    # last 25-30 s of the search with the other slot idle (137-141 each time).
     assert [report(recipe, e, c) for e, c in ((0.375, 146), (1, 145))] == ["CONTINUE"] * 2
     assert report(recipe, 2, 140) == "STOP"
+    assert [report(deep, e, 146) for e in (1, 2)] == ["CONTINUE"] * 2
     # half a full epoch per epoch: 146, 145; the rung report at 2.5 is no epoch; 143, 138: stopped at its fourth
     assert [report(shallow, e, c) for e, c in ((1, 146), (2, 145), (2.5, 146), (3, 143))] == ["CONTINUE"] * 4
     assert report(shallow, 4, 138) == "STOP"
     # the search's best at 145818d: 146, 146, 145, then 147 at its fourth report: two stale epochs pass
     assert [report(late, e, c) for e, c in ((1, 146), (2, 146), (3, 145), (4, 147))] == ["CONTINUE"] * 4
-    # a trial holding the search's best runs on while stale, as long as nobody matches it
-    assert [report(leader, e, c) for e, c in ((1, 148), (2, 147), (3, 147), (4, 146), (5, 146), (6, 146))] == ["CONTINUE"] * 6
+    # a stale trial stops whether or not it holds the search's best: three whole epochs since its 148
+    assert [report(leader, e, c) for e, c in ((1, 148), (2, 147), (3, 147))] == ["CONTINUE"] * 3
+    assert report(leader, 4, 146) == "STOP"
     assert report(late, 5, 146) == "CONTINUE" and report(late, 6, 146) == "CONTINUE"
-    assert report(late, 7, 145) == "STOP"  # three whole epochs since its 147, and the leader's 148 beats it
+    assert report(late, 7, 145) == "STOP"  # three whole epochs since its 147
     # a depth-2 trial at 99bbc94 (0.97 per epoch): 146 at half an epoch, 145, 146 at a rung, then
     # 143: two stale epochs, 1.94 full epochs of compute (>= 1.5); 3399a93 ran it a third (30 s)
     assert [report(depth2, e, c) for e, c in ((0.5, 146), (1, 145), (1.25, 146))] == ["CONTINUE"] * 3
     assert report(depth2, 2, 143) == "STOP"
     # a cheap deep trial is never stopped on a plateau: its epochs cost less than the first rung
     assert [report(deep, e, 146) for e in range(3, 9)] == ["CONTINUE"] * 6
-    assert scheduler._num_stopped == 4
+    assert scheduler._num_stopped == 5
     with pytest.raises(ValueError, match="patience"):
         dataclasses.replace(experiment, patience=0)
     with pytest.raises(ValueError, match="patience_cost"):

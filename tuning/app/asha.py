@@ -13,8 +13,11 @@ probe, test 0.9471 instead of 0.9773; on hymenoptera it would have saved the rec
 slot (it falls from 145/153 to 138 over 8 epochs).
 
 Every trial, the recipe too, also stops on a plateau: once `Experiment.patience` whole epochs
-passed without a new best of its own while another trial has reported one at least as good (its
-best epoch stays, as any stopped trial's). ASHA alone cannot do this: a rung's first arrivals pass
+passed without a new best of its own (its best epoch stays, as any stopped trial's), even one
+that holds the search's best: until 592ac15 such a trial ran on while nobody matched it, and in
+the 8 x 3 hymenoptera searches (seeds 0-2) the recipe, leading with 146 at its first report, ran
+its third epoch (137-141) as the last 25-30 s of the search with the other slot idle; without
+that epoch they took 117, 145 and 112 s (135, 139 and 129 s before, the same best 0.9542). ASHA alone cannot do this: a rung's first arrivals pass
 it, and few trials ever reach the last rung (3 full epochs of compute). In the 32-sample
 hymenoptera search at 145818d the recipe scored 146 (a rung inside its first epoch), 145, 140,
 141, 140, ... over all 8 epochs (255 s), tied with a deep trial's 146, and a depth-2 trial scored
@@ -69,12 +72,11 @@ class RecipeKeepingASHA(ASHAScheduler):
 
     def _plateaued(self, trial_id: str, score: float, result: dict) -> bool:
         """`Experiment.patience` whole epochs without a new best of its own, or fewer that cost
-        `Experiment.patience_cost` full fine-tuning epochs, while another trial has reported one at
-        least as good (a report at a rung inside an epoch counts as a score, not as an epoch). A
+        `Experiment.patience_cost` full fine-tuning epochs (a report at a rung inside an epoch
+        counts as a score, not as an epoch). A
         trial whose epochs cost less than the first rung is left alone, as ASHA leaves it: stopping
         one saves seconds and may cost its late best (at 01a5ee6, which stopped deep trials after
         4-6 epochs too, the 32-sample search ended at 0.9542 in 378 s)."""
-        others = max((p.best for t, p in self._progress.items() if t != trial_id), default=float("-inf"))
         progress = self._progress.get(trial_id)
         if progress is None or score > progress.best:
             progress = self._progress[trial_id] = Progress(score)
@@ -86,4 +88,4 @@ class RecipeKeepingASHA(ASHAScheduler):
             return False  # a cheap trial
         spent = progress.stale * (per_epoch or 0.0)  # compute since its best, counted in whole epochs
         waited = progress.stale >= self._experiment.patience or spent >= self._experiment.patience_cost - 1e-9
-        return waited and others >= progress.best
+        return waited

@@ -17,15 +17,16 @@ passed without a new best of its own (its best epoch stays, as any stopped trial
 that holds the search's best: until 592ac15 such a trial ran on while nobody matched it, and in
 the 8 x 3 hymenoptera searches (seeds 0-2) the recipe, leading with 146 at its first report, ran
 its third epoch (137-141) as the last 25-30 s of the search with the other slot idle; without
-that epoch they took 117, 145 and 112 s (135, 139 and 129 s before, the same best 0.9542). ASHA alone cannot do this: a rung's first arrivals pass
+that epoch two runs each took 117 / 145 / 112 s and 114 / 132 / 92 s (135 / 139 / 129 s
+before), at the same best 0.9542. ASHA alone cannot do this: a rung's first arrivals pass
 it, and few trials ever reach the last rung (3 full epochs of compute). In the 32-sample
 hymenoptera search at 145818d the recipe scored 146 (a rung inside its first epoch), 145, 140,
 141, 140, ... over all 8 epochs (255 s), tied with a deep trial's 146, and a depth-2 trial scored
 146 at half an epoch, then 145 to 138, and held a slot for 281 s: the first at rung 3, it passed
 against the recipe's 141. Patience 3, not 2: the search's best (147) came from a depth-4 trial at
 its third epoch after 146, 146, 145. Trials whose epochs cost less than the first rung (deep
-ones, a few seconds each) are left to run, as ASHA leaves them. A 3-epoch search (MNIST, the
-8 x 3 benchmarks) cannot stop a trial this way before its last epoch. Tried first (a2bba97):
+ones, a few seconds each) are left to run, as ASHA leaves them. In a 3-epoch search (MNIST, the
+8 x 3 benchmarks) only `patience_cost` can stop a trial before its last epoch. Tried first (a2bba97):
 patience 2 for the recipe alone and only while another trial was strictly better: with the
 recipe's 146 tied, it ran its 8 epochs. At 3399a93 the recipe and that depth-2 trial stopped after
 their third epoch (111 s and 115 s) and the search took 369 s, ending at 0.9608. Since then
@@ -73,10 +74,10 @@ class RecipeKeepingASHA(ASHAScheduler):
     def _plateaued(self, trial_id: str, score: float, result: dict) -> bool:
         """`Experiment.patience` whole epochs without a new best of its own, or fewer that cost
         `Experiment.patience_cost` full fine-tuning epochs (a report at a rung inside an epoch
-        counts as a score, not as an epoch). A
-        trial whose epochs cost less than the first rung is left alone, as ASHA leaves it: stopping
-        one saves seconds and may cost its late best (at 01a5ee6, which stopped deep trials after
-        4-6 epochs too, the 32-sample search ended at 0.9542 in 378 s)."""
+        counts as a score, not as an epoch). A trial whose epochs cost less than the first rung is
+        left alone, as ASHA leaves it: stopping one saves seconds and may cost its late best (at
+        01a5ee6, which stopped deep trials after 4-6 epochs too, the 32-sample search ended at
+        0.9542 in 378 s)."""
         progress = self._progress.get(trial_id)
         if progress is None or score > progress.best:
             progress = self._progress[trial_id] = Progress(score)

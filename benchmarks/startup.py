@@ -149,7 +149,8 @@ def main() -> None:
         cpus = os.cpu_count() or 1
         for kind in ("cold", "warm"):
             driver = run[f"driver_{kind}"]
-            work_s = sum(driver["cpu_s"].values()) + floor["ray_cpu_s_counted"] + floor["trial_imports_cpu_s"]
+            work_s = (sum(driver["cpu_s"].values()) + floor["ray_cpu_s_counted"]  # one trial worker's start and imports:
+                      + floor["worker_cpu_before_trial_s"] + floor["trial_imports_cpu_s"])
             run[f"floor_{kind}_s"] = round(max(work_s / cpus, floor["trial_starts_s"] + floor["trial_imports_s"]), 1)
         print(f"run {repeat} floor: first trial trains no sooner than {run['floor_cold_s']} s cold, "
               f"{run['floor_warm_s']} s warm ({cpus} CPUs)", flush=True)

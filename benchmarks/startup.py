@@ -78,9 +78,9 @@ def floor_arm(started: float) -> dict:
         tune.report({"trial_starts_s": begun - config["started"], "imports_s": time.time() - begun,
                      "imports_cpu_s": cpu_seconds() - cpu, "worker_cpu_before_s": cpu})
 
-    storage = tempfile.mkdtemp(prefix="tuning-bench-startup-")
-    grid = tune.Tuner(trial, param_space={"started": started},
-                      run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
+    with tempfile.TemporaryDirectory(prefix="tuning-bench-startup-") as storage:
+        grid = tune.Tuner(trial, param_space={"started": started},
+                          run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
     m = grid[0].metrics
     return {"ray_ready_s": round(ray_ready, 2), "trial_starts_s": round(m["trial_starts_s"], 2),
             "worker_cpu_before_trial_s": round(m["worker_cpu_before_s"], 2),
@@ -119,20 +119,9 @@ def command_arm(args: argparse.Namespace, env: dict[str, str], storage: Path) ->
             "wall_s": int(wall[-1]) if wall else None}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", type=Path, required=True)
-    p.add_argument("--experiment", default="hymenoptera")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "startup.json")
-    p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: a child process's arm
-    p.add_argument("--started", type=float, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.arm == "driver":
-        return print(json.dumps(driver_arm(args.experiment, str(args.data_root), args.started)))
-    if args.arm == "ray-floor":
-        return print(json.dumps(floor_arm(args.started)))
-    work = Path(tempfile.mkdtemp(prefix="tuning-bench-startup-"))
+def measure(args: argparse.Namespace, work: Path) -> list[dict]:
+    """Each repeat: the command cold, then warm on the cache it left; the driver's phases cold, then
+    warm; Ray's floor. All caches and run dirs go under `work`, not the machine's cache root."""
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     runs = []
     for repeat in range(args.repeats):
@@ -155,6 +144,24 @@ def main() -> None:
         print(f"run {repeat} floor: first trial trains no sooner than {run['floor_cold_s']} s cold, "
               f"{run['floor_warm_s']} s warm ({cpus} CPUs)", flush=True)
         runs.append(run)
+    return runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--experiment", default="hymenoptera")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "startup.json")
+    p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: a child process's arm
+    p.add_argument("--started", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.arm == "driver":
+        return print(json.dumps(driver_arm(args.experiment, str(args.data_root), args.started)))
+    if args.arm == "ray-floor":
+        return print(json.dumps(floor_arm(args.started)))
+    with tempfile.TemporaryDirectory(prefix="tuning-bench-startup-") as tmp:  # 2 GB of caches and run dirs
+        runs = measure(args, Path(tmp))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"experiment": args.experiment, "commit": commit(), "versions": versions(),
                                     "runs": runs}, indent=2))

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import io
 import json
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -78,10 +79,12 @@ class Setup:
     head: dict
 
 
-def setup(experiment: Experiment, data_root: str, cache_key: str) -> Setup:
+def setup(experiment: Experiment, data_root: str, cache_key: str, features_root: Path) -> Setup:
+    """The decoded store is the machine's, shared with real searches; the frozen features of these
+    variants (views under other crop scales) are the benchmark's own, in `features_root`."""
     weights = resolve_weights(experiment, None)
     handle, data = load_data(experiment, data_root, io.StringIO())
-    cache = FeatureCache(namespace(bench="variants", key=cache_key, store=handle.key), 8 * 2**30)
+    cache = FeatureCache(namespace(bench="variants", key=cache_key, store=handle.key), 8 * 2**30, str(features_root))
     probe, _ = probing.fit(experiment, data, weights, cache)
     return Setup(experiment, data, weights, cache, probing.head_of(probe))
 
@@ -140,7 +143,7 @@ def crop_scale(args: argparse.Namespace, base: Experiment) -> dict:
     out = {}
     for scale in ((0.08, 1.0), (0.35, 1.0), (0.6, 1.0)):
         exp = dataclasses.replace(base, crop_scale=scale)
-        s = setup(exp, args.data_root, f"crop{scale}")
+        s = setup(exp, args.data_root, f"crop{scale}", args.features)
         rows = [{"config": c, "scores": train(s, c, exp.epochs)} for c in configs]
         for r in rows:
             print(f"crop_scale {scale}: {r['config']} {r['scores']}", flush=True)
@@ -151,7 +154,7 @@ def crop_scale(args: argparse.Namespace, base: Experiment) -> dict:
 
 def batchnorm(args: argparse.Namespace, base: Experiment) -> dict:
     exp = dataclasses.replace(base, epochs=4)
-    s = setup(exp, args.data_root, "base")
+    s = setup(exp, args.data_root, "base", args.features)
     out = {}
     for mode in ("train", "frozen"):
         rows = [{"config": c, "scores": train(s, c, exp.epochs, half_epochs=True, frozen_bn=mode == "frozen")}
@@ -166,7 +169,7 @@ def batchnorm(args: argparse.Namespace, base: Experiment) -> dict:
 def eval_crop(args: argparse.Namespace, base: Experiment) -> dict:
     from torchvision.transforms import v2
 
-    s = setup(base, args.data_root, "base")
+    s = setup(base, args.data_root, "base", args.features)
     spec = BACKBONES.get(base.backbone)
     model = build_model(base.backbone, len(s.data.classes), s.weights, spec.num_stages).eval()
     norm = Normalize.for_mode(spec.mean, spec.std, base.image_mode)
@@ -209,10 +212,12 @@ def main() -> None:
     torch.set_num_threads(2)
     base = EXPERIMENTS.get(args.experiment)
     result = {"experiment": args.experiment, "commit": commit(), "versions": versions()}
-    for part in args.parts.split(","):
-        started = time.time()
-        result[part] = PARTS[part](args, base)
-        result[part]["seconds"] = round(time.time() - started)
+    with tempfile.TemporaryDirectory(prefix="tuning-bench-variants-") as tmp:
+        args.features = Path(tmp)
+        for part in args.parts.split(","):
+            started = time.time()
+            result[part] = PARTS[part](args, base)
+            result[part]["seconds"] = round(time.time() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

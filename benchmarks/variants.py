@@ -209,7 +209,6 @@ def main() -> None:
     p.add_argument("--parts", default=",".join(PARTS))
     p.add_argument("--out", type=Path, default=HERE / "results" / "variants.json")
     args = p.parse_args()
-    torch.set_num_threads(2)
     base = EXPERIMENTS.get(args.experiment)
     result = {"experiment": args.experiment, "commit": commit(), "versions": versions()}
     with tempfile.TemporaryDirectory(prefix="tuning-bench-variants-") as tmp:

@@ -13,7 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {"search": "tuning.app.api", "SearchResult": "tuning.app.api", "SearchOptions": "tuning.app.api",
-        "load": "tuning.app.predictor", "Predictor": "tuning.app.predictor",
+        "load": "tuning.app.loading", "Predictor": "tuning.app.predictor",
         "UsageError": "tuning.lib.errors", "Experiment": "experiments.base"}
 
 

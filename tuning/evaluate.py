@@ -13,6 +13,7 @@ from pathlib import Path
 from tuning.app.evaluation import Scored, folder_images, score, split_images
 from tuning.app.figures import confusion_png, misclassified_png
 from tuning.app.predictor import load
+from tuning.app.location import fetch_export
 from tuning.lib.errors import UsageError, exit_on_usage_error
 
 
@@ -38,14 +39,14 @@ def evaluate(export_dir: Path, folder: Path | None = None, *, data_root: str | N
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tuning.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("export_dir", type=Path, help="an export, e.g. runs/hymenoptera/best")
+    parser.add_argument("export_dir", help="an export, e.g. runs/hymenoptera/best or s3://bucket/runs/NAME/best")
     parser.add_argument("folder", type=Path, nargs="?", help="labelled images: FOLDER/CLASS/IMAGE (default: the run's split)")
     parser.add_argument("--split", choices=("train", "val", "test"), help="the run's split to score (default: test, else val)")
     parser.add_argument("--data-root", help="folder holding the datasets (default: $TUNING_DATA_ROOT, else ./data)")
     parser.add_argument("--out", type=Path, help="where the PNGs go (default: eval-SPLIT or eval-folder-NAME beside the export)")
     args = parser.parse_args(argv)
     with exit_on_usage_error("tuning.evaluate"):
-        scored, pngs = evaluate(args.export_dir, args.folder, data_root=args.data_root, split=args.split, out=args.out)
+        scored, pngs = evaluate(fetch_export(args.export_dir), args.folder, data_root=args.data_root, split=args.split, out=args.out)
     print(scored.report())
     for png in pngs:
         print(f"wrote {png}")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from tuning.app.predictor import image_files, load
+from tuning.app.location import fetch_export
 from tuning.lib.errors import UsageError, exit_on_usage_error
 from tuning.lib.files import write_atomic
 
@@ -34,7 +35,7 @@ def write_csv(path: Path, rows: list[tuple[str, str, float]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tuning.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("export_dir", type=Path, help="an export, e.g. runs/hymenoptera/best")
+    parser.add_argument("export_dir", help="an export, e.g. runs/hymenoptera/best or s3://bucket/runs/NAME/best")
     parser.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
     parser.add_argument("--csv", type=Path, help="also write path,label,probability rows to this file")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_usage_error("tuning.predict"):
         if args.batch_size <= 0:
             raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
-        rows = predict(args.export_dir, args.images, args.batch_size)
+        rows = predict(fetch_export(args.export_dir), args.images, args.batch_size)
         if args.csv:
             write_csv(args.csv, rows)
     for path, label, prob in rows:

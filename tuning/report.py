@@ -24,7 +24,7 @@ from tuning.app import results  # noqa: E402
 from tuning.app.evaluation import score, split_images  # noqa: E402
 from tuning.app.export import META_FILE  # noqa: E402
 from tuning.app.figures import confusion_png  # noqa: E402
-from tuning.app.location import RunLocation, is_uri  # noqa: E402
+from tuning.app.location import RunLocation, parse_run_dir  # noqa: E402
 from tuning.app.predictor import load  # noqa: E402
 from tuning.app.probing import PROBE_ID, PROBE_ONLY  # noqa: E402
 from tuning.app.rundir import SPEC_FILE, load_spec  # noqa: E402
@@ -173,11 +173,7 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def location_of(run_dir: str) -> RunLocation:
-    if is_uri(run_dir):
-        storage, _, name = run_dir.rstrip("/").rpartition("/")
-        return RunLocation(storage, name)
-    path = Path(run_dir).expanduser().resolve()
-    return RunLocation(str(path.parent), path.name)
+    return parse_run_dir(run_dir)  # a URI's query (endpoint, region) stays a query
 
 
 def main(argv: list[str] | None = None) -> None:

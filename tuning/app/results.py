@@ -49,6 +49,7 @@ def collect(location: RunLocation) -> pd.DataFrame:
     analysis = ExperimentAnalysis(location.uri)
     frames = analysis.trial_dataframes
     exported = _exported(location.local)
+    members = exported_ids(exported)
     rows = []
     for trial in analysis.trials:
         history = frames.get(trial.trial_id, pd.DataFrame())
@@ -66,8 +67,8 @@ def collect(location: RunLocation) -> pd.DataFrame:
             status=trial_status(trial.status, history, experiment.epochs),
             wall_time_s=float(history["time_total_s"].iloc[-1]) if len(history) else 0.0,
             node_id=str(history[M.NODE_ID].iloc[-1]) if len(history) and M.NODE_ID in history else None,
-            exported=trial.trial_id == exported.get("trial_id"),
-            test_acc=exported.get("metrics", {}).get(M.TEST_ACC) if trial.trial_id == exported.get("trial_id") else None,
+            exported=trial.trial_id in members,
+            test_acc=exported.get("metrics", {}).get(M.TEST_ACC) if trial.trial_id in members else None,
         )
         rows.append(row)
     probe = probe_row(location.local, exported)
@@ -79,7 +80,7 @@ def probe_row(run_dir: Path, exported: dict[str, Any]) -> dict[str, Any] | None:
     record = probing.load_record(run_dir)
     if record is None:
         return None
-    metrics, is_exported = record["metrics"], exported.get("trial_id") == record["trial_id"]
+    metrics, is_exported = record["metrics"], record["trial_id"] in exported_ids(exported)
     return {
         "trial_id": record["trial_id"], **{f"hp_{k}": v for k, v in record["config"].items()},
         "best_val_acc": metrics[M.VAL_ACC], "best_epoch": 0, "best_val_loss": metrics[M.VAL_LOSS],
@@ -97,6 +98,12 @@ def _best_epoch(history: pd.DataFrame) -> pd.Series | None:
     return history[history[M.VAL_ACC] == history[M.VAL_ACC].max()].iloc[-1]
 
 
+def exported_ids(meta: dict[str, Any]) -> set[str]:
+    """The trials the export is made of: its members (a soup's, an ensemble's), or its one trial."""
+    members = (meta.get("final") or {}).get("members") or []
+    return {m["trial_id"] for m in members} or ({meta["trial_id"]} if "trial_id" in meta else set())
+
+
 def _exported(run_dir: Path) -> dict[str, Any]:
     meta = run_dir / "best" / META_FILE
     return json.loads(meta.read_text()) if meta.is_file() else {}
@@ -107,4 +114,4 @@ def write(location: RunLocation) -> str:
     with atomic_path(location.local / RESULTS_FILE) as tmp:
         pq.write_table(table, tmp)
     location.push(RESULTS_FILE)
-    return f"{location.uri}/{RESULTS_FILE}"
+    return location.file_uri(RESULTS_FILE)

@@ -37,7 +37,7 @@ def check_storage(location: RunLocation) -> None:
     Asking is not enough (`os.access` says yes to root in /proc, and knows nothing of read-only
     mounts): a file is created and removed in the nearest folder that exists."""
     if location.remote:
-        location.filesystem()  # an unknown scheme or unreachable bucket fails here
+        location.check_writable()  # an unknown scheme, a wrong endpoint, a missing bucket, no rights
         return
     storage = location.local.parent
     probe = storage

@@ -19,7 +19,7 @@ import optuna
 from experiments.base import Experiment
 from search_spaces import space_for
 from tuning.app import results
-from tuning.app.location import RunLocation
+from tuning.app.location import RunLocation, parse_run_dir
 from tuning.app.probing import PROBE_ID
 from tuning.app.rundir import SPEC_FILE, load_spec
 from tuning.lib import metrics as M
@@ -31,12 +31,7 @@ STUDY_NAME = "optuna"
 
 
 def location_of(run_dir: str | Path) -> RunLocation:
-    text = str(run_dir)
-    if "://" in text:
-        storage, _, name = text.rstrip("/").rpartition("/")
-        return RunLocation(storage, name)
-    path = Path(text).expanduser().resolve()
-    return RunLocation(str(path.parent), path.name)
+    return parse_run_dir(str(run_dir))
 
 
 def check_same_space(old: Experiment, new: Experiment, where: str) -> None:

@@ -9,17 +9,14 @@ import torch
 
 from experiments import EXPERIMENTS
 from tuning.app import export as export_mod
-from tuning.app.export import Best, export, load_exported
-from tuning.lib.checkpoint import CHECKPOINT_FILE
+from tests.finals import candidate, single
+from tuning.app.export import export, load_exported
+from tuning.app.final_model import Final
 from tuning.lib.model import build_model
 
 
-def fake_best(tmp_path: Path, value: float) -> Best:
-    ckpt = tmp_path / f"ckpt-{value}"
-    ckpt.mkdir()
-    model = build_model("efficientnet_lite0", 2, None)
-    torch.save({"model": model.state_dict(), "epoch": 1}, ckpt / CHECKPOINT_FILE)
-    return Best("t1", {"lr": 0.1}, {"val_acc": value, "epoch": 1}, str(ckpt))
+def fake_best(tmp_path: Path, value: float) -> Final:
+    return single(candidate(tmp_path / f"ckpt-{value}", build_model("efficientnet_lite0", 2, None), val_acc=value))
 
 
 def test_re_export_replaces_and_a_crash_keeps_the_previous(tmp_path, monkeypatch):
@@ -42,4 +39,4 @@ def test_re_export_replaces_and_a_crash_keeps_the_previous(tmp_path, monkeypatch
     model, meta, _ = load_exported(run_dir / "best")
     assert meta["metrics"]["val_acc"] == 0.6
     state = torch.load(run_dir / "best" / export_mod.MODEL_FILE, weights_only=True)
-    assert set(state) == set(model.state_dict())
+    assert set(state) == set(model.members[0].state_dict())

@@ -18,8 +18,8 @@ import torchvision
 import tuning
 from experiments import EXPERIMENTS
 from tests.conftest import make_image_folder
-from tuning.app.export import Best, export
-from tuning.lib.checkpoint import CHECKPOINT_FILE
+from tests.finals import candidate, ensemble, single
+from tuning.app.export import export
 from tuning.lib.model import build_model
 
 CASES = [  # backbone, image mode, gray input
@@ -43,9 +43,7 @@ def tiny_export(request, tmp_path_factory) -> Path:
                                      gray_input=gray, image_size=40)
     torch.manual_seed(0)
     model = build_model(backbone, 3, None, image_mode=mode, gray_input=gray)
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    torch.save({"model": model.state_dict(), "epoch": 1}, ckpt / CHECKPOINT_FILE)
-    best = Best("t1", {"lr": 0.1}, {"val_acc": 0.5, "epoch": 1}, str(ckpt))
+    best = single(candidate(tmp_path_factory.mktemp("ckpt"), model, temperature=1.7, classes=3))
     return export(best, experiment, ["a", "b", "c"], tmp_path_factory.mktemp("run"))
 
 
@@ -93,5 +91,39 @@ def test_plain_state_dict_loads_into_the_library_network(tiny_export, images):
         plain_input = x.expand(-1, 3, -1, -1)
     else:
         plain_input = x
+    assert "temperature 1.7" in meta["plain"]["output"]
+    with torch.no_grad():  # the calibrated export: the plain network's logits divided by the temperature
+        assert torch.allclose((net(plain_input) / 1.7).log_softmax(1), predictor.model(x), atol=1e-4)
+
+
+def test_ensemble_onnx_equals_its_pytorch_output(tmp_path, images):
+    """Three members frozen at 0, 2 and 4 stages share the pretrained prefix; the ONNX graph of
+    the ensemble gives the probabilities the PyTorch predictor gives, and what averaging the
+    members' tempered softmaxes gives."""
+    experiment = dataclasses.replace(EXPERIMENTS.get("hymenoptera"), image_size=40)
+    torch.manual_seed(0)
+    base = build_model("efficientnet_lite0", 3, None).state_dict()
+    members, nets = [], []
+    for i, (depth, weight, t) in enumerate([(0, 0.5, 1.3), (2, 0.25, 0.8), (4, 0.25, 2.0)]):
+        net = build_model("efficientnet_lite0", 3, None, freeze_depth=depth)
+        net.load_state_dict(base)
+        with torch.no_grad():  # each member trains what it does not freeze
+            for name, p in net.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        nets.append((net.eval(), weight, t))
+        members.append((candidate(tmp_path / f"m{i}", net, f"t{i}", temperature=t, classes=3), weight))
+    out = export(ensemble(members), experiment, ["a", "b", "c"], tmp_path / "run")
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["final"]["kind"] == "ensemble" and meta["plain"] is None and not (out / "model_plain.pt").exists()
+    predictor = tuning.load(out)
+    decoded = [predictor.decode(p) for p in images]
+    ours = predictor.probabilities(decoded)
+    x = predictor.norm(predictor.crops(decoded))
     with torch.no_grad():
-        assert torch.allclose(net(plain_input), predictor.model(x), atol=1e-4)
+        by_hand = sum(w * (net(x) / t).softmax(1) for net, w, t in nets).numpy()
+    graph = ort.InferenceSession(str(out / "model.onnx"))
+    onnx_probs = graph.run(None, {"image": predictor.crops(decoded).numpy()})[0]
+    assert np.abs(onnx_probs - ours).max() < 1e-4
+    assert np.abs(by_hand - ours).max() < 1e-4
+    assert np.abs(ours.sum(1) - 1).max() < 1e-5

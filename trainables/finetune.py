@@ -28,7 +28,7 @@ from experiments.base import Experiment
 from trainables.inputs import TrialData, TrialInputs
 from tuning.lib import metrics as M
 from tuning.lib.backbones import BACKBONES
-from tuning.lib.checkpoint import Feed, autocast, evaluate, load_state, save_state
+from tuning.lib.checkpoint import Feed, autocast, evaluate_logits, load_state, save_state
 from tuning.lib.cost import rung_pauses, rungs, steps_per_epoch
 from tuning.lib.data.transforms import Normalize
 from tuning.lib.footprint import micro_batches
@@ -93,9 +93,10 @@ def fit(
 
         def pause(done: int, train_loss: float, images_per_s: float, epoch: int = epoch) -> None:
             """A rung inside this epoch: validate and report there (tuning.lib.cost.rung_pauses)."""
-            val_loss, val_acc = evaluate(model, val)
+            val_loss, val_acc, logits = evaluate_logits(model, val)
             report(model, optimizer, schedule, (epoch, done), {
-                M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, **metrics(epoch + done / steps, train_loss, images_per_s)})
+                M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, **metrics(epoch + done / steps, train_loss, images_per_s)},
+                logits)
 
         train_loss, images_per_s = train_one_epoch(
             model, optimizer, inputs.train(epoch), hp.batch_size, step_images,
@@ -109,8 +110,8 @@ def fit(
             return
         done = metrics(epoch + 1, train_loss, images_per_s)  # before the step: the learning rates trained with
         schedule.step()
-        val_loss, val_acc = evaluate(model, val)
-        report(model, optimizer, schedule, (epoch + 1, 0), {M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, **done})
+        val_loss, val_acc, logits = evaluate_logits(model, val)
+        report(model, optimizer, schedule, (epoch + 1, 0), {M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, **done}, logits)
         release_memory()
 
 
@@ -205,10 +206,10 @@ def train_one_epoch(
     return total / max(seen, 1), seen / (time.perf_counter() - start)
 
 
-def report(model, optimizer, schedule, at: tuple[int, int], result: dict[str, Any]) -> None:
+def report(model, optimizer, schedule, at: tuple[int, int], result: dict[str, Any], val_logits: torch.Tensor) -> None:
     """`at`: (epochs done, steps done in the next): where a restarted trial continues."""
     with tempfile.TemporaryDirectory() as tmp:
-        save_state(tmp, model, optimizer, schedule, *at)
+        save_state(tmp, model, optimizer, schedule, *at, val_logits=val_logits)
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 

@@ -46,6 +46,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard, on 127.0.0.1 only")
     p.add_argument("--time-budget", metavar="DURATION", help="wall-clock budget of the whole search, e.g. 90s, 10m, 1h: no trial starts that cannot reach its first ASHA rung in time, running ones stop at it, the best epoch found is exported")
     p.add_argument("--warm-start", metavar="RUN_DIR", help="seed the searcher with the finished trials of an earlier run dir (same search space)")
+    p.add_argument("--final", default="ensemble", choices=("ensemble", "select", "soup", "best_acc"),
+                   help="how the export is made from the trials' best checkpoints and the probe, all calibrated on val: "
+                        "ensemble (greedy selection, at most 5 networks), select (one), soup (averaged weights), "
+                        "best_acc (highest val_acc, as before) (default: ensemble)")
     p.add_argument("--verbose", action="store_true", help="Ray's and Optuna's own output and progress tables on the console (else they go to RUN_DIR/search.log)")
     return p.parse_args(argv)
 
@@ -69,8 +73,10 @@ def main(
 def print_summary(result: SearchResult) -> None:
     print(f"\nbest hyperparameters: {json.dumps(result.best_config)}")
     print(f"best val_acc: {result.best_val_acc:.4f} (epoch {result.best_epoch}, trial {result.best_trial_id})")
+    print(result.final_model)
     if result.test_acc is not None:
-        print(f"test_acc: {result.test_acc:.4f} ({result.test_images} test images, scored once after the search)")
+        print(f"test_acc: {result.test_acc:.4f}, test NLL {result.test_nll:.4f}, test ECE {result.test_ece:.4f} "
+              f"({result.test_images} test images, scored once after the search)")
     print(f"trials: {result.trials}, errored: {len(result.errors)}, wall-clock: {result.wall_s:.0f} s")
     if result.ended_by:
         print(f"ended by {result.ended_by}")

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+import numpy as np
 import pandas as pd
 
 from experiments import Experiment, get_experiment
 from trainables.finetune import finetune, release_memory
-from tuning.app import probing, results
+from tuning.app import final_model, probing, results
 from tuning.app.budget import Budget, parse_duration
 from tuning.app.console import LOG_FILE, quiet
 from tuning.app.export import Best, export, find_best, score_on_test
@@ -50,7 +51,8 @@ from tuning.lib.data import decoded_store
 from tuning.lib.data.decode import Dataset
 from tuning.lib.data.fetch import resolve_data_root
 from tuning.lib.data.sources import create_source
-from tuning.lib.data.transforms import resize_for
+from tuning.lib import metrics as M
+from tuning.lib.data.transforms import Normalize, eval_batch, resize_for
 from tuning.lib.errors import UsageError
 from tuning.lib.model import build_model
 
@@ -84,6 +86,7 @@ class SearchOptions:
     verbose: bool = False
     time_budget: str | float | None = None  # "90s", "10m", "1h", or seconds
     warm_start: str | Path | None = None  # an earlier run dir whose trials seed the searcher
+    final: str = final_model.DEFAULT_METHOD  # how the export is made from the candidates (tuning.app.final_model)
 
     @classmethod
     def of(cls, overrides: dict[str, Any]) -> "SearchOptions":
@@ -110,6 +113,9 @@ class SearchResult:
     wall_s: float = 0.0
     ended_by: str | None = None  # why the search ended before --samples trials ran (the time budget)
     log_file: str | None = None  # what Ray and Optuna said (the console shows only our lines)
+    final_model: str = ""  # one line: what was exported (a trial, a soup or an ensemble) and its val scores
+    test_nll: float | None = None
+    test_ece: float | None = None
 
     @property
     def results(self) -> pd.DataFrame:
@@ -147,6 +153,8 @@ def configure(spec: str | Experiment | None, options: SearchOptions) -> tuple[Ex
         raise UsageError("--feature-cache-gb must not be negative")
     if options.memory_gb is not None and options.memory_gb <= 0:
         raise UsageError(f"--memory-gb must be positive, got {options.memory_gb:g}")
+    if options.final not in final_model.METHODS:
+        raise UsageError(f"--final must be one of {', '.join(final_model.METHODS)}, got {options.final!r}")
     if options.step_memory_gb < 0:
         raise UsageError(f"--step-memory-gb must not be negative, got {options.step_memory_gb:g}")
     if options.memory_gb is not None and options.address:
@@ -259,13 +267,17 @@ def search(
         # the probe is a result too: a budget that ends before any trial's first epoch still exports it
         floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))
         best = find_best(grid, floor)
+        final = choose_final(grid, probe, data, experiment, location.local, options.final)
+        print(final.describe(), file=console, flush=True)
         test = data.splits.get("test")
         with run_dir_writes(location, searched=True):
-            export_dir = export(best, experiment, data.classes, location.local)
-            test_acc = score_on_test(export_dir, test) if test is not None else None
-            images_dir = probing.PROBE_DIR if best.trial_id == probing.PROBE_ID else f"trial_{best.trial_id}"
+            export_dir = export(final, experiment, data.classes, location.local)
+            final_model.save_record(final, final.candidates, location.local)
+            tested = score_on_test(export_dir, test) if test is not None else {}
+            lead = final.lead
+            images_dir = probing.PROBE_DIR if lead.is_probe else f"trial_{lead.trial_id}"
             write_export_images(location.local / images_dir, export_dir, data.splits["val"])
-            location.push("best", images_dir)
+            location.push("best", images_dir, final_model.FINAL_FILE)
             table = results.write(location)
     del ready  # the probe's network and the driver's decoded views: a notebook runs search again
     release_memory()
@@ -275,10 +287,36 @@ def search(
     errors = [(r.path.rsplit("_", 1)[-1], str(r.error).strip().splitlines()[-1][:200]) for r in grid if r.error is not None]
     return SearchResult(
         best_config=dict(best.config), best_val_acc=float(best.metrics["val_acc"]), best_epoch=results.epoch_number(best.metrics["epoch"]),
-        best_trial_id=best.trial_id, test_acc=test_acc, test_images=len(test) if test is not None else None,
+        best_trial_id=best.trial_id, test_acc=tested.get(M.TEST_ACC), test_images=len(test) if test is not None else None,
         export_dir=export_dir, run_dir=location.uri, results_file=table, trials=len(grid), errors=errors,
         wall_s=time.time() - started, ended_by=ended_by,
         log_file=None if options.verbose else str(location.local / LOG_FILE),
+        final_model=final.describe(), test_nll=tested.get("test_nll"), test_ece=tested.get("test_ece"),
+    )
+
+
+def choose_final(grid: Any, probe: probing.ProbeResult, data: Dataset, experiment: Experiment, run_dir: Path,
+                 method: str) -> final_model.Final:
+    """The export, from every trial's kept checkpoints and the probe (tuning.app.final_model)."""
+    candidates = final_model.gather(grid, final_model.probe_candidate(probe, run_dir, probing.PROBE_ID, probing.PROBE_DIR))
+    labels = np.asarray(data.splits["val"].labels)
+    soup = soup_data(experiment, data) if method == "soup" else None
+    final = final_model.choose(candidates, labels, method, soup)
+    final.candidates = candidates
+    return final
+
+
+def soup_data(experiment: Experiment, data: Dataset) -> final_model.SoupData:
+    """A soup's images: normalised centre crops of val, and of evenly spaced training images."""
+    spec = BACKBONES.get(experiment.backbone)
+    norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
+    train = data.splits["train"]
+    picked = np.linspace(0, len(train) - 1, min(len(train), final_model.BN_IMAGES)).round().astype(int)
+    return final_model.SoupData(
+        build=lambda: build_model(experiment.backbone, len(data.classes), None, image_mode=experiment.image_mode,
+                                  gray_input=experiment.gray_input),
+        train_x=norm(eval_batch([train.images[i] for i in picked], experiment.image_size)),
+        val_x=norm(eval_batch(data.splits["val"].images, experiment.image_size)),
     )
 
 

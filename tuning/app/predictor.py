@@ -13,12 +13,12 @@ from tuning.lib.data.decode import UndecodableImage, decode
 from tuning.lib.data.listing import IMAGE_SUFFIXES
 from tuning.lib.data.transforms import Normalize, center_crop
 from tuning.lib.errors import UsageError
-from tuning.lib.model import FineTuneNet
+from tuning.lib.ensemble import Ensemble
 
 
 @dataclass
 class Predictor:
-    model: FineTuneNet
+    model: Ensemble  # log-probabilities out (tuning.lib.ensemble)
     meta: dict[str, Any]
     norm: Normalize
     batch_size: int = 32  # images decoded and run together: memory stays bounded on any number

@@ -18,7 +18,7 @@ from experiments.base import Experiment
 from trainables.inputs import TrialInputs
 from tuning.lib import metrics as M
 from tuning.lib.backbones import BACKBONES
-from tuning.lib.checkpoint import CHECKPOINT_FILE, Feed, forward_batch_size
+from tuning.lib.checkpoint import CHECKPOINT_FILE, VAL_LOGITS_FILE, Feed, forward_batch_size
 from tuning.lib.data.decode import Dataset
 from tuning.lib.data.transforms import Normalize
 from tuning.lib.features import FeatureCache
@@ -38,6 +38,7 @@ class ProbeResult:
     freeze_depth: int
     seconds: float  # to fit, features included
     timestamp: float  # when it was known (unix time)
+    val_logits: np.ndarray | None = None  # (val images, classes): a candidate of the final model
 
     @property
     def config(self) -> dict:
@@ -64,9 +65,11 @@ def fit(
     norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
     inputs = TrialInputs(data, experiment, model, norm, cache, torch.device("cpu"))
     train, val = inputs.train_centre(), inputs.val()
-    probe = fit_probe(features(train), train.labels, features(val), val.labels, len(data.classes))
+    val_x = features(val)
+    probe = fit_probe(features(train), train.labels, val_x, val.labels, len(data.classes))
     model.head.load_state_dict(probe.head_state())
-    result = ProbeResult(probe, spec.num_stages, time.time() - started, time.time())
+    val_logits = (val_x @ probe.weight.T + probe.bias).numpy().astype(np.float32)
+    result = ProbeResult(probe, spec.num_stages, time.time() - started, time.time(), val_logits)
     return result, model
 
 
@@ -75,6 +78,9 @@ def save(result: ProbeResult, model: torch.nn.Module, run_dir: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / CHECKPOINT_FILE) as tmp:
         torch.save({"model": model.state_dict(), "epoch": 0}, tmp)
+    if result.val_logits is not None:
+        with atomic_path(folder / VAL_LOGITS_FILE) as tmp, open(tmp, "wb") as f:
+            np.save(f, result.val_logits)
     write_atomic(run_dir / PROBE_FILE, json.dumps({
         "trial_id": PROBE_ID, "config": result.config, "metrics": result.metrics,
         "seconds": result.seconds, "timestamp": result.timestamp,

@@ -21,6 +21,7 @@ from torchvision import transforms
 from experiments.base import Experiment
 from trainables.finetune import build_optimizer, report, select_device
 from tuning.app.search import Placement
+from tuning.lib import calibration as C
 from tuning.lib import metrics as M
 from tuning.lib.backbones import BACKBONES
 from tuning.lib.data.sources import DATASETS
@@ -30,6 +31,9 @@ from tuning.lib.model import build_model
 
 
 def tutorial(config: dict[str, Any], *, experiment: Experiment, folder: str, weights: str) -> None:
+    """The seeds' loop. Where `folder` has a test split, the test images are scored at each epoch
+    that beats the trial's best val_acc (the epoch the seeds keep) and reported beside it as
+    best_test_*: the tutorial's final model judged on held-out data; no choice reads them."""
     hp = HParams.from_config(config)
     device = select_device()
     spec = BACKBONES.get(experiment.backbone)
@@ -44,12 +48,15 @@ def tutorial(config: dict[str, Any], *, experiment: Experiment, folder: str, wei
                                         batch_size=hp.batch_size, shuffle=True, drop_last=True)
     val = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(f"{folder}/val", val_tf, loader=rgb),
                                       batch_size=64)
+    test = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(f"{folder}/test", val_tf, loader=rgb),
+                                       batch_size=64) if Path(folder, "test").is_dir() else None
+    classes = len(train.dataset.classes)
     # the seeds' layout: PyTorch's default NCHW (ours runs channels_last, tuning.lib.model)
-    model = build_model(experiment.backbone, 2, Path(weights), hp.freeze_depth, channels_last=False).to(device)
+    model = build_model(experiment.backbone, classes, Path(weights), hp.freeze_depth, channels_last=False).to(device)
     optimizer = build_optimizer(model, hp)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=experiment.epochs)
     loss_fn = nn.CrossEntropyLoss()
-    best = 0.0
+    best, at_best = -1.0, {}
     for epoch in range(experiment.epochs):
         model.train()
         total, seen = 0.0, 0
@@ -60,27 +67,35 @@ def tutorial(config: dict[str, Any], *, experiment: Experiment, folder: str, wei
             optimizer.step()
             total, seen = total + loss.item() * len(y), seen + len(y)
         schedule.step()
-        model.eval()
-        loss_sum, correct, count = 0.0, 0, 0
-        with torch.no_grad():
-            for x, y in val:
-                logits = model(x.to(device))
-                loss_sum += nn.functional.cross_entropy(logits, y.to(device), reduction="sum").item()
-                correct += (logits.argmax(1).cpu() == y).sum().item()
-                count += len(y)
+        val_logits, val_labels = predict(model, val, device)
+        val_loss = nn.functional.cross_entropy(val_logits, val_labels).item()
         train_loss = total / max(seen, 1)
-        val_acc = correct / count if math.isfinite(train_loss) else 0.0
-        best = max(best, val_acc)
-        report(model, optimizer, schedule, epoch, {
-            M.VAL_ACC: val_acc, M.VAL_LOSS: loss_sum / count, M.TRAIN_LOSS: train_loss, M.EPOCH: epoch + 1,
-            "best_val_acc": best,
-        })
+        val_acc = (val_logits.argmax(1) == val_labels).float().mean().item() if math.isfinite(train_loss) else 0.0
+        if val_acc > best:  # the seeds keep the first epoch that reaches their best val_acc
+            best = val_acc
+            if test is not None:
+                test_logits, test_labels = predict(model, test, device)
+                scores = C.scores(C.log_probs(test_logits.numpy()), test_labels.numpy())
+                at_best = {"best_val_loss": val_loss, **{f"best_test_{k}": v for k, v in scores.items()}}
+        report(model, optimizer, schedule, (epoch + 1, 0), {
+            M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, M.TRAIN_LOSS: train_loss, M.EPOCH: epoch + 1,
+            "best_val_acc": best, **at_best,
+        }, val_logits)
         if not math.isfinite(train_loss):
             return
 
 
-def make_tutorial_trainable(experiment: Experiment, placement: Placement, data_root: Path) -> tune.Trainable:
-    folder = Path(data_root) / DATASETS.get(experiment.dataset).dirname
+@torch.no_grad()
+def predict(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    out = [(model(x.to(device)).float().cpu(), y) for x, y in loader]
+    return torch.cat([o for o, _ in out]), torch.cat([y for _, y in out])
+
+
+def make_tutorial_trainable(experiment: Experiment, placement: Placement, data_root: Path | None,
+                            folder: Path | None = None) -> tune.Trainable:
+    """`folder`: the dataset's own folder ({train,val[,test]}/CLASS/*), else the registered dataset's under `data_root`."""
+    folder = folder or Path(data_root) / DATASETS.get(experiment.dataset).dirname
     weights = BACKBONES.get(experiment.backbone).default_weights()
     return tune.with_resources(
         tune.with_parameters(tutorial, experiment=experiment, folder=str(folder.resolve()), weights=str(weights)),

@@ -42,17 +42,22 @@ def test_two_searches_in_one_process_reuse_ray(two_searches):
 def test_result_fields_match_results_and_export(two_searches):
     for result, has_test in zip(two_searches[:2], (True, False)):
         table = result.results
-        exported = table[table["exported"]].iloc[0]
         meta = json.loads((result.export_dir / "model.json").read_text())
-        assert result.best_val_acc == exported["best_val_acc"] == meta["metrics"]["val_acc"] == table["best_val_acc"].max()
-        assert result.best_trial_id == exported["trial_id"] == meta["trial_id"]
-        # the exported row's own hyperparameters (the linear probe's row has only its own two)
-        hparams = {c[3:]: exported[c] for c in table.columns if c.startswith("hp_") and not pd.isna(exported[c])}
-        assert result.best_config == meta["hparams"] == hparams
+        # best_*: the best single report; the export is the final model made from the candidates
+        best = table[table["best_val_acc"] == table["best_val_acc"].max()]
+        assert result.best_val_acc == table["best_val_acc"].max() and result.best_trial_id in best["trial_id"].tolist()
+        members = {m["trial_id"] for m in meta["final"]["members"]}
+        assert set(table.loc[table["exported"], "trial_id"]) == members
+        assert result.final_model.startswith("final model: ") and f"val_acc {meta['metrics']['val_acc']:.4f}" in result.final_model
+        lead = table[table["trial_id"] == max(meta["final"]["members"], key=lambda m: m["weight"])["trial_id"]].iloc[0]
+        # the lead member's own hyperparameters (the linear probe's row has only its own two)
+        hparams = {c[3:]: lead[c] for c in table.columns if c.startswith("hp_") and not pd.isna(lead[c])}
+        assert meta["hparams"] == hparams
         assert len(table) == result.trials + 1  # the trials and the linear probe
         assert table["trial_id"].iloc[0] == "probe"
         if has_test:
-            assert result.test_acc is not None and result.test_acc == meta["metrics"]["test_acc"] == exported["test_acc"]
+            assert result.test_acc is not None and result.test_acc == meta["metrics"]["test_acc"] == lead["test_acc"]
+            assert result.test_nll == meta["metrics"]["test_nll"] and 0 <= result.test_ece <= 1
             assert result.test_images == 8
         else:
             assert result.test_acc is None and "test_acc" not in meta["metrics"]

@@ -20,7 +20,7 @@ from ray.tune import ExperimentAnalysis  # noqa: E402
 
 from experiments.base import Experiment  # noqa: E402
 from search_spaces import space_for  # noqa: E402
-from tuning.app import results  # noqa: E402
+from tuning.app import final_model, results  # noqa: E402
 from tuning.app.evaluation import score, split_images  # noqa: E402
 from tuning.app.export import META_FILE  # noqa: E402
 from tuning.app.figures import confusion_png  # noqa: E402
@@ -144,7 +144,7 @@ def val_confusion(export_dir: Path, data_root: str | None, out: Path) -> Path | 
 
 
 def report(location: RunLocation, data_root: str | None = None) -> tuple[pd.DataFrame, list[Path]]:
-    location.pull(SPEC_FILE, "best")
+    location.pull(SPEC_FILE, "best", final_model.FINAL_FILE)
     if not (location.local / SPEC_FILE).is_file():
         raise UsageError(f"{location.uri} is not a run dir (no {SPEC_FILE})")
     experiment, _ = load_spec(location.local)
@@ -172,6 +172,23 @@ def format_table(table: pd.DataFrame) -> str:
     return shown.to_string(index=True, float_format=lambda v: f"{v:.4g}" if not math.isnan(v) else "-")
 
 
+def format_final(record: dict | None) -> str:
+    """The candidates the export was chosen from (tuning.app.final_model), best calibrated first."""
+    if record is None:
+        return "final model: not recorded (a run from before final.json)"
+    members = ", ".join(f"{m['trial_id']}@{m['epoch']} x{m['weight']:.2f}" for m in record["members"])
+    val = record["val"]
+    lines = [f"final model: {record['kind']} by {record['method']} ({members}): val_acc {val['acc']:.4f}, "
+             f"val NLL {val['nll']:.4f}, ECE {val['ece']:.4f} after calibration, chosen in {record['seconds']:.1f} s",
+             f"its {len(record['candidates'])} candidates (the probe and each trial's kept checkpoints):"]
+    shown = pd.DataFrame(record["candidates"]).drop(columns=["checkpoint"], errors="ignore")
+    shown = shown.sort_values("calibrated_val_nll", kind="stable")
+    shown = shown.rename(columns={"calibrated_val_nll": "calibrated val NLL", "calibrated_val_ece": "calibrated ECE",
+                                  "val_loss": "val NLL", "weight": "weight in export"})
+    lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return "\n".join(lines)
+
+
 def location_of(run_dir: str) -> RunLocation:
     return parse_run_dir(run_dir)  # a URI's query (endpoint, region) stays a query
 
@@ -183,8 +200,11 @@ def main(argv: list[str] | None = None) -> None:
                         "(default: $TUNING_DATA_ROOT, else ./data)")
     args = parser.parse_args(argv)
     with exit_on_usage_error("tuning.report"):
-        table, pngs = report(location_of(args.run_dir), args.data_root)
+        location = location_of(args.run_dir)
+        table, pngs = report(location, args.data_root)
     print(format_table(table))
+    print()
+    print(format_final(final_model.load_record(location.local)))
     for png in pngs:
         print(f"wrote {png}")
 

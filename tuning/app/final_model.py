@@ -10,7 +10,9 @@ and the methods judge candidates on calibrated NLL as well as accuracy:
   closest to the pretrained network (the probe, then the deepest freeze), never to the most confident.
 - "ensemble" (default): greedy selection with replacement over the candidates' calibrated val
   probabilities (Caruana et al., 2004), starting from "select"'s choice, adding the candidate that
-  lowers val NLL most while it lowers it by more than `MIN_GAIN`, at most `MAX_MEMBERS` distinct.
+  lowers val NLL most, at most `MAX_MEMBERS` distinct, while the ensemble's NLL at its sharpest
+  temperature drops by more than `MIN_GAIN`: a member must fix what confidence alone cannot, so on
+  a val split already all right nothing is added for being surer.
 - "soup": greedy weight averaging (Wortsman et al., 2022) in order of val score, an ingredient kept
   if the soup does not get worse on val; BatchNorm statistics are recomputed on training images.
 - "best_acc": the rule before calibration: best val accuracy, lower val loss on ties.
@@ -148,11 +150,12 @@ def ensemble(candidates: Sequence[Candidate], labels: np.ndarray, start: Candida
     """Greedy ensemble selection with replacement on calibrated val NLL, from `start`."""
     log_ps = [c.log_p() for c in candidates]
     picks = [candidates.index(start)]
-    current = C.nll(log_ps[picks[0]], labels)
+    current = C.sharpest_nll(log_ps[picks[0]], labels)
     for _ in range(MAX_PICKS - 1):
         allowed = range(len(candidates)) if len(set(picks)) < max_members else sorted(set(picks))
-        trials = [(C.nll(C.mixture([log_ps[i] for i in picks + [j]], [1.0] * (len(picks) + 1)), labels), j) for j in allowed]
-        value, j = min(trials)
+        mixes = {j: C.mixture([log_ps[i] for i in picks + [j]], [1.0] * (len(picks) + 1)) for j in allowed}
+        j = min(mixes, key=lambda j: C.nll(mixes[j], labels))
+        value = C.sharpest_nll(mixes[j], labels)
         if current - value <= MIN_GAIN:
             break
         picks.append(j)
@@ -262,6 +265,7 @@ def record(final: Final, candidates: Sequence[Candidate]) -> dict[str, Any]:
         "members": [{"trial_id": c.trial_id, "epoch": c.metrics.get(M.EPOCH, 0), "weight": w} for c, w in final.members],
         "candidates": [{
             "trial_id": c.trial_id, "epoch": c.metrics.get(M.EPOCH, 0), "freeze_depth": c.freeze_depth,
+            "checkpoint": c.checkpoint_path,
             "val_acc": c.metrics.get(M.VAL_ACC), "val_loss": c.metrics.get(M.VAL_LOSS),
             "temperature": c.temperature, "calibrated_val_nll": c.calibrated.get("nll"),
             "calibrated_val_ece": c.calibrated.get("ece"), "weight": weights.get(id(c), 0.0),
@@ -276,6 +280,17 @@ def save_record(final: Final, candidates: Sequence[Candidate], run_dir: Path) ->
 def load_record(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / FINAL_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def candidates_of(record: dict[str, Any]) -> list[Candidate]:
+    """The candidates a run recorded in final.json, their logits read again (benchmarks use this)."""
+    found = []
+    for c in record["candidates"]:
+        logits = read_logits(c["checkpoint"])
+        if logits is not None:
+            found.append(Candidate(c["trial_id"], {}, {M.VAL_ACC: c["val_acc"], M.VAL_LOSS: c["val_loss"], M.EPOCH: c["epoch"]},
+                                   c["checkpoint"], logits, c["freeze_depth"], is_probe=c["trial_id"] == "probe"))
+    return found
 
 
 def probe_candidate(probe: Any, run_dir: Path, probe_id: str, probe_dir: str) -> Candidate:

@@ -52,6 +52,14 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
+def sharpest_nll(log_p: np.ndarray, labels: np.ndarray) -> float:
+    """The lowest NLL that any temperature in [0.01, 100] gives these log-probabilities. On a split
+    the model gets wholly right it is ~0: there, more confidence is all a lower NLL could show."""
+    result = minimize_scalar(lambda log_t: nll(log_softmax(log_p / np.exp(log_t), axis=1), labels),
+                             bounds=(np.log(0.01), np.log(100.0)), method="bounded", options={"xatol": 1e-3})
+    return float(min(result.fun, nll(log_p, labels)))
+
+
 def mixture(log_ps: list[np.ndarray], weights: list[float]) -> np.ndarray:
     """log of the weighted mean of the members' probabilities (an ensemble's prediction)."""
     w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))

@@ -1,0 +1,295 @@
+"""The final model on held-out test images: each way of making it from one search, side by side.
+
+For every dataset and seed, one search (`tuning.search`, its default export) runs on a split with
+a test part that no choice reads, then every arm is scored on that test part:
+- probe: the linear probe as it is (temperature 1);
+- best_acc: the rule before calibration, best val_acc then lower val_loss (temperature 1);
+- select, soup, ensemble: tuning.app.final_model's methods on the same candidates, calibrated;
+- default: what the search exported (model.json's test metrics, scored by the search itself);
+- tutorial: a plain Ray Tune search over the seeds' loop (benchmarks/tutorial_trainable.py: OptunaSearch
+  with the recipe first, epoch-based ASHA), same samples, epochs and seed; its best trial's best
+  epoch (best val_acc, then lower val_loss), scored on test when that epoch was reached.
+Datasets: hymenoptera re-split 50/20/30 (stratified, seeded by the seed) from its 397 images;
+pokemon_shift as it is (train normal colours, val shiny front, test shiny back); digits, sklearn's
+8x8 digits redrawn as MNIST's 20 px digit in a 28 px frame, 60/20/20, trained as `mnist` is.
+
+    python -m benchmarks.final_model --data-root ../shared/datasets --runs hymenoptera:0-4:32x8,pokemon_shift:0-2:16x4,digits:0-1:8x3
+
+Writes benchmarks/results/final_model.json after every run (the misses too) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.search import HERE, commit
+
+ARMS = ("probe", "best_acc", "select", "soup", "ensemble", "default", "tutorial")
+
+
+def stratified(labels: list[int], fractions: tuple[float, ...], seed: int) -> list[int]:
+    """A split index per item: per class, shuffled by `seed`, cut at the fractions."""
+    rng = np.random.default_rng(seed)
+    which = [0] * len(labels)
+    for cls in sorted(set(labels)):
+        idx = [i for i, y in enumerate(labels) if y == cls]
+        rng.shuffle(idx)
+        cuts = np.cumsum([round(f * len(idx)) for f in fractions[:-1]])
+        for part, chunk in enumerate(np.split(np.array(idx), cuts)):
+            for i in chunk:
+                which[i] = part
+    return which
+
+
+def resplit(files: list[tuple[Path, str]], out: Path, seed: int, fractions=(0.5, 0.2, 0.3)) -> Path:
+    """Links to `files` (path, class) under out/{train,val,test}/CLASS/."""
+    classes = sorted({c for _, c in files})
+    parts = stratified([classes.index(c) for _, c in files], fractions, seed)
+    for (path, cls), part in zip(files, parts):
+        target = out / ("train", "val", "test")[part] / cls / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path.resolve())
+    return out
+
+
+def hymenoptera(data_root: Path, out: Path, seed: int) -> Path:
+    src = data_root / "hymenoptera_data"
+    files = sorted((p, p.parent.name) for p in src.glob("*/*/*") if p.is_file())
+    return resplit(files, out, seed)
+
+
+def digits(out: Path, seed: int) -> Path:
+    """sklearn's bundled 1,797 8x8 digits, each upscaled to 20x20 in a 28x28 frame (MNIST's layout)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = []
+    for i, (pixels, label) in enumerate(zip(bunch.images, bunch.target)):
+        digit = Image.fromarray((pixels * 255 / 16).astype(np.uint8)).resize((20, 20), Image.BILINEAR)
+        frame = Image.new("L", (28, 28))
+        frame.paste(digit, (4, 4))
+        path = out / "all" / str(label) / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.save(path)
+        images.append((path, str(label)))
+    return resplit(images, out / "split", seed, (0.6, 0.2, 0.2))
+
+
+def dataset(name: str, data_root: Path, work: Path, seed: int) -> Path:
+    if name == "hymenoptera":
+        return hymenoptera(data_root, work / "data", seed)
+    if name == "pokemon_shift":
+        return data_root / "pokemon_shift"
+    if name == "digits":
+        return digits(work / "data", seed)
+    raise SystemExit(f"unknown dataset {name!r}")
+
+
+def experiment_for(name: str, folder: Path, samples: int, epochs: int, seed: int):
+    from experiments import get_experiment
+    from experiments.mnist import MNIST
+
+    base = dataclasses.replace(MNIST, name="digits", dataset=f"folder:{folder}") if name == "digits" \
+        else dataclasses.replace(get_experiment(f"folder:{folder}"), name=name)
+    return dataclasses.replace(base, samples=samples, epochs=epochs, seed=seed)
+
+
+def test_scores(run_dir: Path, experiment, data) -> dict[str, dict[str, Any]]:
+    """Every arm made from the search's candidates, scored on the test split."""
+    import torch
+
+    from tuning.app import final_model as F
+    from tuning.app.api import soup_data
+    from tuning.app.export import member_net
+    from tuning.lib import calibration as C
+    from tuning.lib.backbones import BACKBONES
+    from tuning.lib.data.transforms import Normalize, eval_batch
+
+    record = F.load_record(run_dir)
+    meta = json.loads((run_dir / "best" / "model.json").read_text())
+    labels_val = np.asarray(data.splits["val"].labels)
+    test = data.splits["test"]
+    labels = np.asarray(test.labels)
+    spec = BACKBONES.get(experiment.backbone)
+    norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
+    x = norm(eval_batch(test.images, experiment.image_size))
+    logits: dict[str, np.ndarray] = {}
+
+    def test_logits(path: str, depth: int, state=None) -> np.ndarray:
+        if path not in logits or state is not None:
+            from tuning.lib.checkpoint import load_state
+
+            net = member_net(meta, depth, state if state is not None else load_state(path)["model"])
+            with torch.no_grad():
+                out = torch.cat([net(x[i : i + 16]).float() for i in range(0, len(x), 16)]).numpy()
+            if state is not None:
+                return out
+            logits[path] = out
+        return logits[path]
+
+    arms: dict[str, dict[str, Any]] = {}
+    candidates = F.candidates_of(record)
+    probe = next(c for c in candidates if c.is_probe)
+    arms["probe"] = {"what": "probe", **C.scores(C.log_probs(test_logits(probe.checkpoint_path, probe.freeze_depth)), labels)}
+    for method in ("best_acc", "select", "ensemble", "soup"):
+        final = F.choose(candidates, labels_val, method, soup_data(experiment, data) if method == "soup" else None)
+        if final.soup_state is not None and len(final.members) > 1:
+            log_p = C.log_probs(test_logits("soup", 0, final.soup_state), final.soup_temperature)
+        else:
+            temperature = (lambda c: 1.0) if method == "best_acc" else (lambda c: c.temperature)
+            log_p = C.mixture([C.log_probs(test_logits(c.checkpoint_path, c.freeze_depth), temperature(c))
+                               for c, _ in final.members], [w for _, w in final.members])
+        arms[method] = {"what": final.describe(), "combine_s": round(final.seconds, 2), **C.scores(log_p, labels)}
+    m = meta["metrics"]
+    arms["default"] = {"what": meta["final"]["kind"], "acc": m["test_acc"], "nll": m["test_nll"], "ece": m["test_ece"]}
+    arms["candidates"] = len(candidates)  # type: ignore[assignment]
+    return arms
+
+
+def ours(name: str, folder: Path, samples: int, epochs: int, seed: int, work: Path) -> dict[str, Any]:
+    import tuning
+    from tuning.app.api import load_data
+
+    experiment = experiment_for(name, folder, samples, epochs, seed)
+    started = time.time()
+    result = tuning.search(experiment, storage=str(work / "runs"), name="ours")
+    wall = time.time() - started
+    _, data = load_data(experiment, None, open("/dev/null", "w"))
+    arms = test_scores(Path(result.run_dir), experiment, data)
+    record = json.loads((Path(result.run_dir) / "probe.json").read_text())
+    arms["probe"]["wall_s"] = round(record["timestamp"] - started, 1)
+    combine = {k: v.get("combine_s", 0.0) for k, v in arms.items() if isinstance(v, dict)}
+    for arm in ("best_acc", "select", "ensemble", "soup"):
+        arms[arm]["wall_s"] = round(wall - combine["ensemble"] + combine[arm], 1)
+    arms["default"]["wall_s"] = round(wall, 1)
+    arms["default"]["line"] = result.final_model
+    return arms
+
+
+def tutorial_child(args: argparse.Namespace) -> None:
+    """Child process: the tutorial-style search on the folder; prints its final model's test scores as json."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from benchmarks.tutorial_trainable import make_tutorial_trainable
+    from search_spaces import space_for
+    from tuning.app.search import Placement, start_ray
+
+    experiment = experiment_for(args.dataset, Path(args.folder), args.samples, args.epochs, args.seed)
+    placement = Placement(storage=args.work, name="tutorial")
+    start_ray()
+    searcher = OptunaSearch(space=space_for(experiment), metric="val_acc", mode="max", seed=experiment.seed,
+                            points_to_evaluate=[dict(experiment.recipe)])
+    scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=experiment.epochs,
+                              grace_period=1, reduction_factor=3)
+    tuner = tune.Tuner(
+        make_tutorial_trainable(experiment, placement, None, Path(args.folder)),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=experiment.samples,
+                                    max_concurrent_trials=2, reuse_actors=True),
+        run_config=tune.RunConfig(name="tutorial", storage_path=str(Path(args.work).resolve()), verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+    grid = tuner.fit()
+    finals = [r.metrics for r in grid if r.metrics and "best_test_acc" in r.metrics]
+    best = max(finals, key=lambda m: (m["best_val_acc"], -m["best_val_loss"]))
+    print("RESULT " + json.dumps({"val_acc": best["best_val_acc"], "acc": best["best_test_acc"],
+                                  "nll": best["best_test_nll"], "ece": best["best_test_ece"], "trials": len(grid)}))
+
+
+def tutorial(name: str, folder: Path, samples: int, epochs: int, seed: int, work: Path) -> dict[str, Any]:
+    started = time.time()
+    out = subprocess.run([sys.executable, "-m", "benchmarks.final_model", "--tutorial-child", "--dataset", name,
+                          "--folder", str(folder), "--samples", str(samples), "--epochs", str(epochs),
+                          "--seed", str(seed), "--work", str(work)], capture_output=True, text=True)
+    wall = time.time() - started
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1], "wall_s": round(wall, 1)}
+    return {**json.loads(line[7:]), "wall_s": round(wall, 1)}
+
+
+def versions() -> dict[str, str]:
+    import optuna
+    import ray
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "optuna": optuna.__version__, "cpus": str(__import__("os").cpu_count())}
+
+
+def parse_runs(spec: str) -> list[tuple[str, int, int, int]]:
+    """"hymenoptera:0-4:32x8,pokemon_shift:0-2:16x4" -> (dataset, seed, samples, epochs) per run."""
+    runs = []
+    for part in spec.split(","):
+        name, seeds, size = part.split(":")
+        lo, _, hi = seeds.partition("-")
+        samples, epochs = map(int, size.split("x"))
+        runs += [(name, s, samples, epochs) for s in range(int(lo), int(hi or lo) + 1)]
+    return runs
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| dataset | seed | scale | " + " | ".join(ARMS) + " |", "|---|---|---|" + "---|" * len(ARMS)]
+    for r in results:
+        cells = []
+        for arm in ARMS:
+            a = r["arms"].get(arm)
+            if not a or "acc" not in a:
+                cells.append("-" if not a else f"error: {a.get('error', '')[:40]}")
+            else:
+                cells.append(f"{a['acc']:.3f} / {a['nll']:.3f} / {a['ece']:.3f}, {a.get('wall_s', 0):.0f} s")
+        lines.append(f"| {r['dataset']} | {r['seed']} | {r['samples']}x{r['epochs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="benchmarks.final_model", description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", default="../shared/datasets")
+    p.add_argument("--runs", default="hymenoptera:0-4:32x8,pokemon_shift:0-2:16x4,digits:0-1:8x3")
+    p.add_argument("--no-tutorial", action="store_true", help="skip the tutorial-style arm (the slowest)")
+    p.add_argument("--out", default=str(HERE / "results" / "final_model.json"))
+    p.add_argument("--tutorial-child", action="store_true", help=argparse.SUPPRESS)
+    for name in ("dataset", "folder", "work"):
+        p.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    p.add_argument("--samples", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.tutorial_child:
+        return tutorial_child(args)
+    out = Path(args.out)
+    doc = {"commit": commit(), "versions": versions(), "runs": args.runs, "results": []}
+    for name, seed, samples, epochs in parse_runs(args.runs):
+        work = Path(tempfile.mkdtemp(prefix=f"tuning-bench-final-{name}-{seed}-"))
+        try:
+            folder = dataset(name, Path(args.data_root), work, seed)
+            row = {"dataset": name, "seed": seed, "samples": samples, "epochs": epochs, "arms": {}}
+            try:
+                row["arms"] = ours(name, folder, samples, epochs, seed, work)
+            except Exception as err:  # a miss is reported, not dropped
+                row["arms"] = {"default": {"error": f"{type(err).__name__}: {err}"}}
+            if not args.no_tutorial:
+                row["arms"]["tutorial"] = tutorial(name, folder, samples, epochs, seed, work)
+            doc["results"].append(row)
+            out.write_text(json.dumps(doc, indent=2))
+            print(table([row]).splitlines()[-1], flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print(table(doc["results"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,8 @@ matrix and a grid of the validation images it gets wrong (`write_export_images`)
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +20,9 @@ import optuna
 from ray.tune.experiment import Trial
 from ray.tune.logger import LoggerCallback
 from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.summary import scalar
 from tensorboardX.proto.api_pb2 import DataType, Experiment, HParamInfo, Interval, MetricInfo, MetricName, Status
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo, SessionStartInfo
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
@@ -108,22 +113,43 @@ def session_end(ok: bool) -> Summary:
     return _plugin_summary("_hparams_/session_end_info", HParamsPluginData(session_end_info=SessionEndInfo(status=status)))
 
 
+class EventFile:
+    """A trial's event file, written and flushed in the caller's thread. SummaryWriter queues events
+    for a thread that flushes every `flush_secs`, and its flush() leaves the queue unwritten: a trial
+    stopped by the budget or Ctrl-C kept a 0-byte file, as Ray's last copy to the run dir comes before
+    any hook where the writer could be closed."""
+
+    def __init__(self, logdir: str) -> None:
+        self.events = EventsWriter(os.path.join(logdir, "events"))
+
+    def add(self, summaries: list[Summary], step: int | None = None) -> None:
+        for summary in summaries:
+            event = Event(summary=summary, wall_time=time.time())
+            if step is not None:
+                event.step = step
+            self.events.write_event(event)
+        self.events.flush()
+
+    def close(self) -> None:
+        self.events.close()
+
+
 class TrialBoard(LoggerCallback):
-    """One event file per trial, in the trial's dir (Ray copies it to the run dir with the rest)."""
+    """One event file per trial, in the trial's dir (Ray copies it to the run dir with the rest).
+    Each result is on disk before Ray's next copy, whatever later ends the trial."""
 
     _SAVED_FILE_TEMPLATES = ["events.out.tfevents.*"]
 
     def __init__(self, space_domains: dict[str, optuna.distributions.BaseDistribution]) -> None:
         self.space_domains = space_domains
-        self.writers: dict[Trial, SummaryWriter] = {}
+        self.writers: dict[Trial, EventFile] = {}
 
     def log_trial_start(self, trial: Trial) -> None:
         if trial in self.writers:
             self.writers[trial].close()
         trial.init_local_path()
-        writer = SummaryWriter(trial.local_path, flush_secs=30)
-        for summary in (experiment_summary(self.space_domains), session_start(dict(trial.config), trial.trial_id, self.space_domains)):
-            writer._get_file_writer().add_summary(summary)
+        writer = EventFile(trial.local_path)
+        writer.add([experiment_summary(self.space_domains), session_start(dict(trial.config), trial.trial_id, self.space_domains)])
         self.writers[trial] = writer
 
     def log_trial_result(self, iteration: int, trial: Trial, result: dict) -> None:
@@ -133,16 +159,20 @@ class TrialBoard(LoggerCallback):
         step = math.ceil(result.get(M.EPOCH) or result.get("training_iteration", iteration))
         if result.get(M.VAL_ACC) is None:
             return
-        for tag, key in SCALARS.items():
-            value = result.get(key, 0.0 if key == M.LR_BACKBONE else None)
-            if value is not None:
-                self.writers[trial].add_scalar(tag, float(value), global_step=step)
+        values = {tag: result.get(key, 0.0 if key == M.LR_BACKBONE else None) for tag, key in SCALARS.items()}
+        self.writers[trial].add([scalar(tag, float(v)) for tag, v in values.items() if v is not None], step)
 
     def log_trial_end(self, trial: Trial, failed: bool = False) -> None:
         writer = self.writers.pop(trial, None)
         if writer is not None:
-            writer._get_file_writer().add_summary(session_end(not failed))
+            writer.add([session_end(not failed)])
             writer.close()
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        # trials the budget or Ctrl-C stopped get no log_trial_end; their results are on disk already
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
 
 
 def write_export_images(trial_dir: Path, export_dir: Path, val) -> None:

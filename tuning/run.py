@@ -12,13 +12,16 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import TYPE_CHECKING, Callable  # noqa: E402
 
-from experiments import EXPERIMENTS  # noqa: E402
-from tuning.app.api import SearchOptions, SearchResult, search  # noqa: E402
-from tuning.lib.backbones import BACKBONES  # noqa: E402
-from tuning.lib.data.sources import FOLDER_PREFIX  # noqa: E402
+from tuning.app.location import RunLocation, is_uri  # noqa: E402
 from tuning.lib.errors import exit_on_usage_error  # noqa: E402
+
+if TYPE_CHECKING:
+    from tuning.app.api import SearchResult
+
+# torch, timm, Ray and the rest (tuning.app.api) are imported in main, after a remote --storage
+# is probed: a wrong endpoint or bucket is answered in a second, not after ~10 s of imports
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +63,14 @@ def main(
     """`trainable` replaces `trainables.finetune.finetune` (tests wrap it to inject faults);
     `started`: when the user's clock started (the process start as a command), default now."""
     args = parse(argv)
+    if not args.list and is_uri(args.storage or ""):
+        with exit_on_usage_error("tuning.run"):
+            RunLocation(args.storage, args.name or "_").check_writable()  # search() checks again, cheaply
+    from experiments import EXPERIMENTS
+    from tuning.app.api import SearchOptions, search
+    from tuning.lib.backbones import BACKBONES
+    from tuning.lib.data.sources import FOLDER_PREFIX
+
     if args.list:
         print("experiments:", ", ".join(EXPERIMENTS.names()), f"(or {FOLDER_PREFIX}PATH, your own folder)")
         print("backbones:  ", ", ".join(BACKBONES.names() + BACKBONES.families()))

@@ -1,5 +1,5 @@
 """MNIST's files: where torchvision puts them, fetching them through torchvision, and its idx
-format (`*-idx3-ubyte` images, `*-idx1-ubyte` labels, plain or gzipped), parsed with numpy and
+format (`*-idx3-ubyte` images, `*-idx1-ubyte` labels, plain or gzipped), read by torchvision and
 cached: 70,000 items are read through one array per file, not one open per image."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import functools
 import gzip
 import io
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,23 +17,29 @@ from PIL import Image
 
 from tuning.lib.errors import UsageError
 
-IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # 0x0803: ubyte, 3 dims; 0x0801: ubyte, 1 dim
-
 
 @functools.lru_cache(maxsize=4)
 def read_idx(path: str) -> np.ndarray:
-    """The array in an idx file (uint8 only, as MNIST's); ValueError if it is not one."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] not in (1, 3):
-        raise ValueError(f"{path} is not a uint8 idx file (magic {raw[:4].hex()})")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path} holds {data.size} bytes for a {shape} array")
-    array = data.reshape(shape)
+    """The array in an idx file, through torchvision's reader (the one its read_image_file and
+    read_label_file wrap, which takes any shape: the caller tells images from labels); ValueError
+    if it is not one."""
+    import torch
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
+    try:
+        if not path.endswith(".gz"):
+            tensor = read_sn3_pascalvincent_tensor(path)
+        else:  # torchvision opens a plain file only: its download unpacks the .gz files it fetched
+            with tempfile.NamedTemporaryFile(suffix=".idx") as plain:
+                with gzip.open(path, "rb") as packed:
+                    shutil.copyfileobj(packed, plain)
+                plain.flush()
+                tensor = read_sn3_pascalvincent_tensor(plain.name)
+    except (AssertionError, KeyError, RuntimeError):  # its checks of the magic and the size are asserts
+        tensor = None
+    if tensor is None or tensor.dtype != torch.uint8:
+        raise ValueError(f"{path} is not a whole uint8 idx file, as MNIST's are")
+    array = tensor.numpy()
     array.flags.writeable = False
     return array
 

@@ -1,58 +1,116 @@
-"""A real two-node Ray cluster (ray.cluster_utils.Cluster): trials land on both nodes, storage
-under a URI both nodes reach, both nodes shut down cleanly."""
+"""A real two-node Ray cluster (ray.cluster_utils.Cluster) whose nodes share no cache: each node's
+processes have a cache root of their own (TUNING_CACHE_DIR through the node's environment), the
+run goes to S3 (a moto server, tests/s3.py). Trials land on both nodes; the worker node receives
+the decoded store through Ray's object store and never decodes an image; it builds its own frozen
+features; the configurations are a one-node run's on the same seed; both nodes shut down cleanly."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 
-import pyarrow.parquet as pq
+import pandas as pd
+import pytest
 
+from tests import s3 as moto_s3
 from tests.conftest import make_image_folder
+from tuning.app.location import join
 
+SAMPLES, SEED = 4, 5
 SCRIPT = textwrap.dedent("""
-    import sys
+    import json, os, sys
+    from pathlib import Path
     from ray.cluster_utils import Cluster
+    import trainables.finetune as product
     from tuning.run import main
 
-    data_root, storage = sys.argv[1], sys.argv[2]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_slot": 1}})
-    worker = cluster.add_node(num_cpus=1, resources={"worker_slot": 1})
+    data_root, storage, head_cache, worker_cache, marks = sys.argv[1:6]
+
+    def recorded(config, **kwargs):
+        # in the trial's process: which node, which cache root; decoding an image there fails the trial
+        import ray
+        import tuning.lib.data.decoded_store as store
+
+        def never(*args, **kw):
+            raise AssertionError("a trial decoded images")
+
+        store.decode_listing = never
+        context = ray.get_runtime_context()
+        line = {"node": context.get_node_id(), "cache": os.environ.get("TUNING_CACHE_DIR"),
+                "trial": ray.tune.get_context().get_trial_id()}
+        with open(Path(marks) / f"{line['trial']}-{os.getpid()}.json", "w") as f:
+            json.dump(line, f)
+        return product.finetune(config, **kwargs)
+
+    os.environ["TUNING_CACHE_DIR"] = head_cache  # the head's raylet, its workers and the driver
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1, env_vars={"TUNING_CACHE_DIR": worker_cache})
     cluster.wait_for_nodes()
     print("NODES", cluster.head_node.node_id, worker.node_id)
     try:
-        main(["hymenoptera", "--smoke-test", "--samples", "4", "--epochs", "2", "--address", cluster.address,
-              "--data-root", data_root, "--storage", storage])
+        main(["hymenoptera", "--smoke-test", "--samples", "%d", "--epochs", "2", "--seed", "%d",
+              "--address", cluster.address, "--data-root", data_root, "--storage", storage], trainable=recorded)
     finally:
         import ray
         ray.shutdown()
         cluster.shutdown()
     print("SHUTDOWN", "clean" if not cluster.list_all_nodes() else "left nodes")
-""")
+""" % (SAMPLES, SEED))
 
 
-def test_trials_land_on_both_nodes_and_the_whole_run_under_a_storage_uri(tmp_path):
-    """--storage takes a URI (here file://, the same code path as s3:// or gs://): every node's
-    trials, the results and the export land under it, and the report reads it from there."""
-    import os
+@pytest.fixture(scope="module")
+def s3():
+    server, bucket = moto_s3.start()
+    yield bucket
+    server.stop()
 
-    make_image_folder(tmp_path / "data" / "hymenoptera_data", {"train": 8, "val": 6})
-    uri = f"file://{tmp_path}/bucket/runs"
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "data"), uri],
-                         capture_output=True, text=True, timeout=600, env=env)
+
+def hparams(table: pd.DataFrame) -> list[dict]:
+    trials = table[table["trial_id"] != "probe"]  # the linear probe ran in the driver, on no node
+    cols = sorted(c for c in trials.columns if c.startswith("hp_"))
+    return sorted((json.dumps({c: trials.loc[i, c] for c in cols}, default=str, sort_keys=True), trials.loc[i, "best_val_acc"])
+                  for i in trials.index)
+
+
+def test_two_nodes_without_a_shared_cache_run_the_one_node_search_into_s3(s3, cli, tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data" / "hymenoptera_data", {"train": 8, "val": 6}).parent
+    head_cache, worker_cache, marks = tmp_path / "head-cache", tmp_path / "worker-cache", tmp_path / "marks"
+    marks.mkdir()
+    storage = s3.storage(prefix="cluster")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(data), storage, str(head_cache), str(worker_cache), str(marks)],
+                         capture_output=True, text=True, timeout=600, env=s3.env())
     assert out.returncode == 0, out.stderr[-3000:]
+    assert f"trials: {SAMPLES}, errored: 0" in out.stdout, out.stdout[-2000:]  # no trial decoded an image
     head, worker = out.stdout.split("NODES")[1].split()[:2]
     assert "SHUTDOWN clean" in out.stdout
-    run_dir = tmp_path / "bucket" / "runs" / "hymenoptera"
-    table = pq.read_table(run_dir / "results.parquet").to_pandas()
-    table = table[table["trial_id"] != "probe"]  # the linear probe ran in the driver, on no node
-    assert len(table) == 4
-    assert set(table["node_id"]) == {head, worker}
-    for name in ("run.json", "best/model.json", "best/model.pt"):
-        assert (run_dir / name).is_file(), name
-    assert len(list(run_dir.glob("trial_*/progress.csv"))) == 4
-    report = subprocess.run([sys.executable, "-m", "tuning.report", f"{uri}/hymenoptera"],
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert report.returncode == 0, report.stderr[-3000:]
-    assert (run_dir / "val_acc_per_epoch.png").is_file()
+
+    # every node's trials, the results and the export are in the bucket
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.writer["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.writer["AWS_SECRET_ACCESS_KEY"])
+    table = pd.read_parquet(join(storage, "hymenoptera", "results.parquet"))
+    ran = table[table["trial_id"] != "probe"]
+    assert len(ran) == SAMPLES
+    assert set(ran["node_id"]) == {head, worker}
+    keys = s3.keys("cluster/hymenoptera/")
+    assert len({k.split("/")[2] for k in keys if "/trial_" in k and k.endswith("/progress.csv")}) == SAMPLES
+    assert "cluster/hymenoptera/best/model.pt" in keys
+
+    # each node used its own cache root; the worker's store is the head's, received, not decoded
+    lines = [json.loads(p.read_text()) for p in marks.glob("*.json")]
+    assert {(m["node"], m["cache"]) for m in lines} == {(head, str(head_cache)), (worker, str(worker_cache))}
+    head_store, worker_store = sorted((head_cache / "store").glob("*.arrow")), sorted((worker_cache / "store").glob("*.arrow"))
+    assert len(worker_store) == 1 and [p.name for p in head_store] == [p.name for p in worker_store]
+    assert worker_store[0].read_bytes() == head_store[0].read_bytes()
+    assert any((worker_cache / "features").rglob("*")), "the worker node built no frozen features of its own"
+    assert not (worker_cache / "runs").exists()  # the driver's mirror is on the head only
+
+    # the same search on one node (this session's two-CPU Ray, local storage): the same trials
+    one = cli("tuning.run", "hymenoptera", "--smoke-test", "--samples", str(SAMPLES), "--epochs", "2",
+              "--seed", str(SEED), "--data-root", str(data), "--storage", str(tmp_path / "one-node"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    single = hparams(pd.read_parquet(tmp_path / "one-node" / "hymenoptera" / "results.parquet"))
+    double = hparams(table)
+    assert [c for c, _ in double] == [c for c, _ in single]
+    for (config, a), (_, b) in zip(double, single):
+        assert abs(a - b) <= 1 / 12 + 1e-9, (config, a, b)  # within one of the 12 validation images

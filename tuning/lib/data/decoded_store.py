@@ -54,8 +54,11 @@ class StoreHandle:
 
     def open(self) -> Dataset:
         path = Path(self.path)
-        if not path.is_file():  # another node: its own cache dir
-            path = cache_root() / "store" / f"{self.key}.arrow"
+        own = cache_root() / "store" / f"{self.key}.arrow"
+        # another node, with a cache root of its own, keeps its own copy, even where the driver's
+        # path is visible too (a shared home; nodes on one machine, as in tests/test_cluster.py)
+        if (self.ref is not None and own != path) or not path.is_file():
+            path = own
         if self.ref is not None and (path != Path(self.path) or not path.is_file()):  # the driver checked its own
             fetch_copy(str(path), self.ref)
         return open_store(str(path))

@@ -259,7 +259,8 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="benchmarks.final_model", description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default="../shared/datasets")
     p.add_argument("--runs", default="hymenoptera:0-4:32x8,pokemon_shift:0-2:16x4,digits:0-1:8x3")
-    p.add_argument("--no-tutorial", action="store_true", help="skip the tutorial-style arm (the slowest)")
+    p.add_argument("--tutorial-for", help="run the tutorial-style arm (the slowest) only for these DATASET:SEEDS, "
+                   "e.g. hymenoptera:0-1,digits:0 (default: every run)")
     p.add_argument("--out", default=str(HERE / "results" / "final_model.json"))
     p.add_argument("--tutorial-child", action="store_true", help=argparse.SUPPRESS)
     for name in ("dataset", "folder", "work"):
@@ -271,7 +272,9 @@ def main() -> None:
     if args.tutorial_child:
         return tutorial_child(args)
     out = Path(args.out)
-    doc = {"commit": commit(), "versions": versions(), "runs": args.runs, "results": []}
+    doc = {"commit": commit(), "versions": versions(), "runs": args.runs, "tutorial_for": args.tutorial_for, "results": []}
+    tutorial_runs = {(n, s) for n, s, _, _ in parse_runs(",".join(f"{part}:1x1" for part in args.tutorial_for.split(",")))} \
+        if args.tutorial_for else set()
     for name, seed, samples, epochs in parse_runs(args.runs):
         work = Path(tempfile.mkdtemp(prefix=f"tuning-bench-final-{name}-{seed}-"))
         try:
@@ -281,7 +284,7 @@ def main() -> None:
                 row["arms"] = ours(name, folder, samples, epochs, seed, work)
             except Exception as err:  # a miss is reported, not dropped
                 row["arms"] = {"default": {"error": f"{type(err).__name__}: {err}"}}
-            if not args.no_tutorial:
+            if args.tutorial_for is None or (name, seed) in tutorial_runs:
                 row["arms"]["tutorial"] = tutorial(name, folder, samples, epochs, seed, work)
             doc["results"].append(row)
             out.write_text(json.dumps(doc, indent=2))

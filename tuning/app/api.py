@@ -54,6 +54,7 @@ from tuning.lib.data.sources import create_source
 from tuning.lib import metrics as M
 from tuning.lib.data.transforms import Normalize, eval_batch, resize_for
 from tuning.lib.errors import UsageError
+from tuning.lib import footprint
 from tuning.lib.model import build_model
 
 # --smoke-test: the whole pipeline in about a minute on a 2-core CPU. Explicit options still win.
@@ -303,6 +304,9 @@ def choose_final(grid: Any, probe: probing.ProbeResult, data: Dataset, experimen
     soup = soup_data(experiment, data) if method == "soup" else None
     final = final_model.choose(candidates, labels, method, soup)
     final.candidates = candidates
+    # measured once per machine and kept (tuning.lib.footprint): here a cache read
+    need = footprint.measure(experiment.backbone, experiment.image_size, experiment.image_mode, experiment.gray_input)
+    final.relative_cost = final_model.prediction_cost(final, need.stage_flops)
     return final
 
 

@@ -79,6 +79,7 @@ class Final:
     soup_state: dict[str, torch.Tensor] | None = None  # the averaged weights, for a soup
     soup_temperature: float = 1.0
     candidates: list[Candidate] = field(default_factory=list)  # what it was chosen from (final.json)
+    relative_cost: float | None = None  # its forward FLOPs per image over one network's (`prediction_cost`)
 
     @property
     def lead(self) -> Candidate:
@@ -87,8 +88,20 @@ class Final:
     def describe(self) -> str:
         names = ", ".join(f"{c.name}" + (f" x{w:.2f}" if len(self.members) > 1 else "") for c, w in self.members)
         what = {"single": "single", "ensemble": f"ensemble of {len(self.members)}", "soup": f"soup of {len(self.members)}"}[self.kind]
+        if self.kind == "ensemble" and self.relative_cost is not None:
+            what += f", {self.relative_cost:.2f}x one network's compute"
         return (f"final model: {what} ({names}), chosen by {self.method}: val_acc {self.val['acc']:.4f}, "
                 f"val NLL {self.val['nll']:.4f}, ECE {self.val['ece']:.4f} after calibration, {self.seconds:.1f} s")
+
+
+def prediction_cost(final: Final, stage_flops: Sequence[int]) -> float:
+    """An ensemble's forward FLOPs per image over one network's: the pretrained prefix once, to
+    the deepest member's depth, then each member's own stages (tuning.lib.ensemble)."""
+    if final.kind != "ensemble" or not stage_flops:
+        return 1.0
+    depths = [c.freeze_depth for c, _ in final.members]
+    shared = sum(stage_flops[: max(depths)])
+    return (shared + sum(sum(stage_flops[d:]) for d in depths)) / sum(stage_flops)
 
 
 def read_logits(path: str, filesystem: pafs.FileSystem | None = None) -> np.ndarray | None:
@@ -261,6 +274,7 @@ def record(final: Final, candidates: Sequence[Candidate]) -> dict[str, Any]:
     weights = {id(c): w for c, w in final.members}
     return {
         "method": final.method, "kind": final.kind, "seconds": round(final.seconds, 3),
+        "relative_cost": final.relative_cost,
         "val": final.val,
         "members": [{"trial_id": c.trial_id, "epoch": c.metrics.get(M.EPOCH, 0), "weight": w} for c, w in final.members],
         "candidates": [{

@@ -29,7 +29,9 @@ atexit.register(shutil.rmtree, os.environ[CACHE_ENV], ignore_errors=True)
 
 @pytest.fixture(scope="session")
 def ray_session():
-    # Ray 2.60 has no local_mode: a real single-node Ray, started once.
+    # Ray 2.60 has no local_mode: a real single-node Ray, started once; its reused workers wait for
+    # a stopped trial's thread as the product's Ray does (tuning.app.search.start_ray)
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -58,6 +58,9 @@ class Placement:
         return RunLocation(self.storage, self.name or experiment.name)
 
 
+THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"
+
+
 def start_ray(
     address: str | None = None, dashboard: bool = False, verbose: bool = False, memory_gb: float | None = None
 ) -> None:
@@ -68,9 +71,14 @@ def start_ray(
     Ray lets trials take together (tuning.lib.footprint); a cluster's nodes state their own."""
     if ray.is_initialized():
         return
+    # A reused worker waits this long for the previous trial's thread to end (Ray's default, 2 s, is
+    # less than a stopped trial's clean-up takes on a loaded CPU: the next trial then errored with
+    # "Trainable runner reuse requires reset_config()"). Workers inherit it from a Ray started here.
+    os.environ.setdefault(THREAD_TIMEOUT_ENV, "60")
     if address:
         try:
-            ray.init(address=address, configure_logging=False, log_to_driver=verbose)
+            ray.init(address=address, configure_logging=False, log_to_driver=verbose,
+                     runtime_env={"env_vars": {THREAD_TIMEOUT_ENV: os.environ[THREAD_TIMEOUT_ENV]}})
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UsageError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
         return

@@ -93,7 +93,7 @@ def print_summary(result: SearchResult) -> None:
         print(f"ended by {result.ended_by}")
     for trial_id, error in result.errors:
         print(f"  errored: trial {trial_id}: {error}")
-    print(f"exported: {result.export_dir}")
+    print(f"exported: {result.export_dir} (in {result.export_s:.1f} s)")
     print(f"results: {result.results_file}  (python -m tuning.report {result.run_dir})")
     print(f"tensorboard --logdir {result.run_dir}")
     if result.log_file:

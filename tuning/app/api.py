@@ -117,6 +117,7 @@ class SearchResult:
     final_model: str = ""  # one line: what was exported (a trial, a soup or an ensemble) and its val scores
     test_nll: float | None = None
     test_ece: float | None = None
+    export_s: float = 0.0  # writing the export (model.pt, ONNX, plain), after the final model is chosen
 
     @property
     def results(self) -> pd.DataFrame:
@@ -272,7 +273,9 @@ def search(
         print(final.describe(), file=console, flush=True)
         test = data.splits.get("test")
         with run_dir_writes(location, searched=True):
+            exporting = time.perf_counter()
             export_dir = export(final, experiment, data.classes, location.local)
+            export_s = time.perf_counter() - exporting
             final_model.save_record(final, final.candidates, location.local)
             tested = score_on_test(export_dir, test) if test is not None else {}
             lead = final.lead
@@ -293,6 +296,7 @@ def search(
         wall_s=time.time() - started, ended_by=ended_by,
         log_file=None if options.verbose else str(location.local / LOG_FILE),
         final_model=final.describe(), test_nll=tested.get("test_nll"), test_ece=tested.get("test_ece"),
+        export_s=export_s,
     )
 
 

@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import nn
 
-from tuning.lib.backbones import Backbone
+from tuning.lib.backbone_spec import Backbone, hub_weights
 from tuning.lib.errors import UsageError
 
 PREFIX = "timm:"
@@ -105,9 +105,7 @@ def cached_weights(name: str, cfg: dict) -> Path:
         return _hub_file(name, repo)
     url = cfg.get("url")
     if url:
-        from tuning.lib.backbones import _hub_weights
-
-        return _hub_weights(url)()
+        return hub_weights(url)()
     raise UsageError(f"timm model {name!r} has no published pretrained weights; pass --weights FILE or --no-pretrained")
 
 

@@ -27,9 +27,9 @@ class Experiment:
     # Distinct training views (crop + flip) per image: epoch e trains on view e mod train_views
     # (data echoing, Choi et al. 2019), in its own shuffled order. A frozen prefix's outputs are
     # computed once per view for every trial at that depth, so this bounds that one-time cost and
-    # the feature cache's disk: in the 32-sample hymenoptera search the first head-only trial took
-    # 67 s, 8 s per epoch, nearly all of it that epoch's features (the next ones: 2-3 s in all).
-    # Epochs past the fourth are rare but for cheap deep trials. None: a new view every epoch.
+    # the feature cache's disk; a head-only trial's epoch is nearly all its view's features
+    # (benchmarks/README.md, anytime). Epochs past the fourth are rare but for cheap deep trials.
+    # None: a new view every epoch.
     train_views: int | None = 4
     per_class: int | None = None  # keep at most this many images per class and split (smoke tests)
     seed: int = 0
@@ -41,21 +41,19 @@ class Experiment:
                                  "batch_size": 32, "weight_decay": 1e-6}
     )
     # The head the recipe starts from: the linear probe's, as every other trial's (LP-FT), or
-    # "random", a fresh one as the seeds have it. With the SGD recipe from the probe head, hymenoptera's
-    # 8 x 3 searches (seeds 0-2) took 281 / 307 / 248 s and ended at val 0.9542; from a random head
-    # 338 / 360 / 268 s, ending at 0.9477 / 0.9542 / 0.9542 (that recipe trial itself: 0.902). MNIST's
-    # Adam recipe is the other way round (experiments/mnist.py).
+    # "random", a fresh one as the seeds have it. Hymenoptera's SGD recipe ends sooner and no worse
+    # from the probe's head (anytime-recipe-random-head.json); MNIST's Adam recipe is the other way
+    # round (experiments/mnist.py).
     recipe_head: str = "probe"
     # Every trial stops on a plateau: once this many whole epochs passed without a new best of its
-    # own, even while that best leads the search (tuning.app.asha). The seeds' recipe peaks
-    # at its first report on hymenoptera (146/153) and fell to 138-141, holding a slot for 255-462 s
-    # of a 32-sample search; 3 let the search's best trial (146, 146, 145, then 147) reach its peak.
+    # own, even while that best leads the search (tuning.app.asha): the seeds' recipe peaks at its
+    # first report on hymenoptera and then only holds a slot. 3, not 2, lets a trial with a late best
+    # reach it (benchmarks/README.md, anytime).
     patience: int = 3
     # ... or sooner, once a trial's epochs since its best cost this many full fine-tuning epochs
-    # (tuning.lib.cost): a plateau is judged by compute spent, as ASHA's rungs are. In the 32-sample
-    # hymenoptera search the recipe (1.0 per epoch: 146, 145, 140, 141) and a depth-2 trial (0.97:
-    # 146, 145, 143, 138) held a slot for a third stale epoch, 30 s each; at 1.5 they stop after two.
-    # A depth-4 or 5 trial (about 0.6 per epoch) still gets three: the late 147 above came from one.
+    # (tuning.lib.cost): a plateau is judged by compute spent, as ASHA's rungs are. At 1.5 a full
+    # fine-tune stops after two stale epochs, a depth-4 or 5 trial (about 0.6 per epoch) after
+    # three, as late bests came from such trials (benchmarks/README.md, anytime).
     patience_cost: float = 1.5
 
     def __post_init__(self) -> None:

@@ -6,15 +6,13 @@ depths from the deepest (cheapest, and sharing the most cached work) to the shal
 with every other hyperparameter random as before; so the first results come soon, and by the end
 of start-up every depth has been tried once (a backbone with more stages than TPE's start-up
 trials stretches it to one trial per depth). The depth the seeds' recipe (trial 0) trains at is
-not repeated: on hymenoptera that was a second full fine-tuning trial (depth 0, 109 s of a 931 s
-32-sample search at ea5d469, 144/153 against the recipe's 145). After that TPE chooses as usual.
+not repeated: on hymenoptera that was a second, costly full fine-tuning trial that scored below the
+recipe. After that TPE chooses as usual.
 
-Tried and not kept (1ed21e1): every other depth (9, 7, 5, 3, 1) and TPE from the 7th trial. It
-halved the start-up, but with six results TPE went on to pick depths 3 and 4 (145-146/153 in
-their first epoch, as good as the deep ones there, at 50-280 s each): the 32-sample hymenoptera
-search took 957 and 992 s to 0.9542, against 861-916 s and 0.9542-0.9608 with each depth once
-(benchmarks/results/anytime-stride-1ed21e1.json, search-ours-stride-1ed21e1.json). At 8 x 3 it
-met seed 0's 0.9542 at 90 s by its depth-7 trial and ran 15-30 % longer on every seed."""
+Tried and not kept: every other depth (9, 7, 5, 3, 1) and TPE from the 7th trial. It halved the
+start-up, but with six results TPE went on to pick expensive shallow depths, and the search got
+slower and no better (benchmarks/results/anytime-stride-1ed21e1.json,
+search-ours-stride-1ed21e1.json; benchmarks/README.md)."""
 from __future__ import annotations
 
 from typing import Any

@@ -139,11 +139,9 @@ MALLOC_TRIM = _libc_malloc_trim()
 
 def release_memory() -> None:
     """Hand the heap that an epoch or a trial freed back to the OS. Ray reuses a trial's worker
-    for the next trial and runs each in a new thread, and glibc keeps freed memory in its arenas:
-    in the 32-sample hymenoptera search the two reused workers held 12.2 and 8.8 GB while one
-    full fine-tune step (batch 64, 224 px) needs 5.8 GB at its peak. After a trim, a worker holds
-    about 1 GB between trials (measured with the same sequence of trial shapes in one process:
-    2.5 GB without). The price is re-faulting those pages on the next step (a few % of an epoch)."""
+    for the next trial and runs each in a new thread, and glibc keeps freed memory in its arenas,
+    so reused workers grew to twice a step's peak. The price is re-faulting those pages on the
+    next step, a few % of an epoch (benchmarks/README.md, throughput)."""
     gc.collect()
     if MALLOC_TRIM is not None:
         MALLOC_TRIM(0)

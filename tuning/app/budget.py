@@ -44,8 +44,8 @@ def parse_duration(text: str | float | int) -> float:
 class Budget:
     seconds: float
     started: float = field(default_factory=time.time)  # the command's start (tuning.run), else the search call's
-    # export, test score and results.parquet take a few seconds after the search on a CPU, and
-    # Ray's shutdown as the command exits ~4 s more
+    # export, test score, results.parquet and Ray's shutdown as the command exits all come after
+    # the search (a measured command: benchmarks/README.md, "By hand")
     wrap_up_s: float = 15.0
 
     @property

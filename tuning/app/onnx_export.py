@@ -59,9 +59,9 @@ def onnx_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 def write_onnx(model: FineTuneNet, norm: Normalize, meta: dict[str, Any], path: Path) -> Path:
     """Trace the eval-mode network into one self-contained file. The TorchScript exporter, not the
-    dynamo one: the same graph to 1e-4 (tests/test_onnx.py) in about an eighth of the time (the
-    dynamo exporter added 40-55 s to every export on a 2-core CPU); its deprecation notice is ours
-    to carry, not the user's to read."""
+    dynamo one: the same graph to 1e-4 (tests/test_onnx.py) in a fraction of the time, and every
+    search exports (benchmarks/README.md, "By hand"); its deprecation notice is ours to carry, not
+    the user's to read."""
     size = meta["image_size"]
     wrapped = Deployable(model.eval(), norm).eval()
     example = torch.zeros(2, channels(meta), size, size, dtype=torch.uint8)

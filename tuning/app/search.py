@@ -49,8 +49,8 @@ class Placement:
     feature_cache_gb: float = 4.0  # disk for shared frozen-prefix features, per machine; 0 = off
     memory_gb: float | None = None  # RAM for trials in a Ray started here (None: Ray's default, 70% of free)
     # activations one CPU training step may keep; a larger batch runs as micro-batches (0 = never split).
-    # 1.5: a full fine-tune steps 16 images at a time at 224 px; the 32-sample search then peaked
-    # at 6.0-6.5 GB for the whole process tree (12.0-12.3 GB with whole batches)
+    # 1.5: a full fine-tune steps 16 images at a time at 224 px, which halves the search's peak
+    # memory (benchmarks/README.md, throughput)
     step_memory_gb: float = 1.5
     verbose: bool = False  # Ray's own progress tables instead of our status line
 
@@ -166,7 +166,7 @@ def trial_resources(
     Where the step budget bounds every trial and each node holds that bound once per trial slot,
     every trial asks for the bound instead: memory cannot run short, and identical requests let
     Ray Tune hand a finished trial's worker to the next (it reuses actors only for an identical
-    request; a new worker took 8-10 s here, and the 32-sample search had a dozen such gaps)."""
+    request, and a new worker costs seconds; benchmarks/README.md, throughput)."""
     on_gpu = placement.gpus_per_trial > 0
     steps = step_images(placement, need)
     largest_node = max(n.get("Resources", {}).get("memory", 0.0) for n in nodes)

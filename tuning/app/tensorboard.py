@@ -187,7 +187,7 @@ def write_export_images(trial_dir: Path, export_dir: Path, val) -> None:
 
     model, meta, norm = load_exported(export_dir)
     x = eval_batch(val.images, meta["image_size"])
-    step = forward_batch_size(torch.device("cpu"))  # 16: 3.4 s for hymenoptera's 153 where 64 took 4.2-5.0 s
+    step = forward_batch_size(torch.device("cpu"))  # small CPU batches are faster (benchmarks/README.md)
     with torch.inference_mode():
         predicted = torch.cat([model(norm(x[i : i + step])).argmax(1) for i in range(0, len(x), step)]).numpy()
     labels = np.asarray(val.labels)

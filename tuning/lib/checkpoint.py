@@ -34,9 +34,8 @@ def load_state(folder: str | Path) -> dict[str, Any]:
 
 
 def forward_batch_size(device: torch.device) -> int:
-    """Images per forward pass without gradients (validation, filling the cache). On CPU, 16
-    beats 64 by about 1.5x (EfficientNet-Lite0, 224 px, 2 threads: 29 vs 19 img/s, cache locality);
-    a GPU wants large batches."""
+    """Images per forward pass without gradients (validation, filling the cache). On CPU small
+    batches are faster (cache locality; benchmarks/README.md, throughput); a GPU wants large ones."""
     return 256 if device.type == "cuda" else 16
 
 

@@ -7,17 +7,14 @@ the batch size. So it is measured once per run, in the driver, on two random ima
 
     memory = worker base + batch_size x saved bytes per image at its depth.
 
-Checked against the peak resident memory of one real step (Lite0, 224 px, one thread, channels_last):
-at depth 0 autograd saves 76 MiB an image, 5.10 GB at batch 64, and the step peaked 4.9 GB above the
-worker's 0.92 GB; batch 32 at depth 0: 2.55 GB estimated vs 2.6 measured; batch 64 at depth 3: 2.43
-vs 2.5; at depth 5: 1.14 vs 1.2.
-On a GPU the activations live in GPU memory, so host memory is only the base.
+The estimate is within a few percent of one real step's peak resident memory at every depth
+checked (benchmarks/README.md, throughput). On a GPU the activations live in GPU memory, so host
+memory is only the base.
 
 A batch whose activations would exceed a step budget (`--step-memory-gb`) is split into
-micro-batches whose gradients add up to the batch's (`micro_batches`): two full fine-tunes at
-batch 64 otherwise took 5.8 and 3.1 GB side by side (a 9.9 GB search). On this CPU smaller steps
-are no slower: one thread, depth 0, batch 64 trained 5.3 img/s whole and 6.7 img/s as 4 x 16
-(peak 5.6 GB against 2.2 GB).
+micro-batches whose gradients add up to the batch's (`micro_batches`), so that two full
+fine-tunes at batch 64 fit side by side; on CPU smaller steps are no slower (benchmarks/README.md,
+throughput).
 """
 from __future__ import annotations
 
@@ -32,8 +29,8 @@ from tuning.lib.files import cache_root, write_atomic
 from tuning.lib.model import build_model
 
 GIB = 2**30
-# torch and its libraries, the store's pages, Ray's worker: a Lite0 worker held 0.92 GB before its
-# first step. Parameters, gradients and two optimizer buffers come on top (4 copies).
+# torch and its libraries, the store's pages, Ray's worker: what a Lite0 worker held before its
+# first step (benchmarks/README.md, throughput). Parameters, gradients and two optimizer buffers come on top (4 copies).
 WORKER_BASE_BYTES = int(0.85 * GIB)
 # Ray matches a reused worker to a trial by its exact request: requests rounded up to this step
 # let trials of similar size share workers.

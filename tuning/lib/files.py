@@ -64,7 +64,7 @@ def seal_path(path: Path) -> Path:
 
 def fingerprint(path: Path) -> dict[str, object]:
     """Size, first bytes and an xxh3-128 of the whole file (hashed from a read-only mapping: no
-    copy; about 0.1 s per GB on one core)."""
+    copy; a fraction of a second per GB, benchmarks/README.md, throughput)."""
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:

@@ -162,25 +162,24 @@ def test_a_trial_stops_on_a_plateau_even_while_it_holds_the_search_best():
         per_epoch = {"recipe": 1.0, "deep": 0.01, "depth2": 0.97}.get(trial.trial_id, 0.5)
         return scheduler.on_trial_result(None, trial, {"cost": epoch * per_epoch, "val_acc": correct / 153, "epoch": epoch})
 
-    # hymenoptera 8 x 3, seeds 0-2 at 592ac15: the recipe alone holds the best, 146 at a rung inside
-    # its first epoch, then 145, 139-140: two whole epochs without a new best cost 2 full epochs
-    # (>= 1.5). 592ac15, which stopped only trials that another matched, ran its third epoch, the
-    # last 25-30 s of the search with the other slot idle (137-141 each time).
+    # the recipe's scores in hymenoptera's 8 x 3 searches (benchmarks/README.md): it alone holds the
+    # best, 146 at a rung inside its first epoch, then 145, 139-140: two whole epochs without a new
+    # best cost 2 full epochs (>= 1.5), so it stops even while it leads
     assert [report(recipe, e, c) for e, c in ((0.375, 146), (1, 145))] == ["CONTINUE"] * 2
     assert report(recipe, 2, 140) == "STOP"
     assert [report(deep, e, 146) for e in (1, 2)] == ["CONTINUE"] * 2
     # half a full epoch per epoch: 146, 145; the rung report at 2.5 is no epoch; 143, 138: stopped at its fourth
     assert [report(shallow, e, c) for e, c in ((1, 146), (2, 145), (2.5, 146), (3, 143))] == ["CONTINUE"] * 4
     assert report(shallow, 4, 138) == "STOP"
-    # the search's best at 145818d: 146, 146, 145, then 147 at its fourth report: two stale epochs pass
+    # a search's best came so: 146, 146, 145, then 147 at its fourth report: two stale epochs pass
     assert [report(late, e, c) for e, c in ((1, 146), (2, 146), (3, 145), (4, 147))] == ["CONTINUE"] * 4
     # a stale trial stops whether or not it holds the search's best: three whole epochs since its 148
     assert [report(leader, e, c) for e, c in ((1, 148), (2, 147), (3, 147))] == ["CONTINUE"] * 3
     assert report(leader, 4, 146) == "STOP"
     assert report(late, 5, 146) == "CONTINUE" and report(late, 6, 146) == "CONTINUE"
     assert report(late, 7, 145) == "STOP"  # three whole epochs since its 147
-    # a depth-2 trial at 99bbc94 (0.97 per epoch): 146 at half an epoch, 145, 146 at a rung, then
-    # 143: two stale epochs, 1.94 full epochs of compute (>= 1.5); 3399a93 ran it a third (30 s)
+    # a depth-2 trial (0.97 per epoch): 146 at half an epoch, 145, 146 at a rung, then 143: two stale
+    # epochs, 1.94 full epochs of compute (>= 1.5), so no third
     assert [report(depth2, e, c) for e, c in ((0.5, 146), (1, 145), (1.25, 146))] == ["CONTINUE"] * 3
     assert report(depth2, 2, 143) == "STOP"
     # a cheap deep trial is never stopped on a plateau: its epochs cost less than the first rung

@@ -221,6 +221,24 @@ def tutorial(name: str, folder: Path, samples: int, epochs: int, seed: int, work
     return {**json.loads(line[7:]), "wall_s": round(wall, 1)}
 
 
+def rescore(kept: Path, out: Path) -> None:
+    """The arms made from each kept search again, by the current code; times and the tutorial arm as kept."""
+    from tuning.app.api import load_data
+
+    doc = {"commit": commit(), "versions": versions(), "rescored_from": str(kept), "results": []}
+    for row_file in sorted(kept.glob("*/row.json")):
+        row = json.loads(row_file.read_text())
+        experiment = experiment_for(row["dataset"], Path(row["folder"]), row["samples"], row["epochs"], row["seed"])
+        _, data = load_data(experiment, None, open("/dev/null", "w"))
+        arms = test_scores(row_file.parent / "runs" / "ours", experiment, data)
+        for arm, scores in arms.items():
+            if isinstance(scores, dict) and arm in row["arms"] and arm != "default":
+                row["arms"][arm].update({k: v for k, v in scores.items() if k != "wall_s"})
+        doc["results"].append(row)
+    out.write_text(json.dumps(doc, indent=2))
+    print(table(doc["results"]))
+
+
 def versions() -> dict[str, str]:
     import optuna
     import ray
@@ -262,6 +280,9 @@ def main() -> None:
     p.add_argument("--tutorial-for", help="run the tutorial-style arm (the slowest) only for these DATASET:SEEDS, "
                    "e.g. hymenoptera:0-1,digits:0 (default: every run)")
     p.add_argument("--out", default=str(HERE / "results" / "final_model.json"))
+    p.add_argument("--keep", help="keep each run's folder (data, run dir, tutorial arm) under this folder")
+    p.add_argument("--rescore", help="no searching: score the arms again from the run folders kept under this "
+                   "folder by --keep, with the code as it is now (the tutorial arm and searches' times as kept)")
     p.add_argument("--tutorial-child", action="store_true", help=argparse.SUPPRESS)
     for name in ("dataset", "folder", "work"):
         p.add_argument(f"--{name}", help=argparse.SUPPRESS)
@@ -271,12 +292,16 @@ def main() -> None:
     args = p.parse_args()
     if args.tutorial_child:
         return tutorial_child(args)
+    if args.rescore:
+        return rescore(Path(args.rescore), Path(args.out))
     out = Path(args.out)
     doc = {"commit": commit(), "versions": versions(), "runs": args.runs, "tutorial_for": args.tutorial_for, "results": []}
     tutorial_runs = {(n, s) for n, s, _, _ in parse_runs(",".join(f"{part}:1x1" for part in args.tutorial_for.split(",")))} \
         if args.tutorial_for else set()
     for name, seed, samples, epochs in parse_runs(args.runs):
-        work = Path(tempfile.mkdtemp(prefix=f"tuning-bench-final-{name}-{seed}-"))
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"tuning-bench-final-{name}-{seed}-", dir=args.keep))
         try:
             folder = dataset(name, Path(args.data_root), work, seed)
             row = {"dataset": name, "seed": seed, "samples": samples, "epochs": epochs, "arms": {}}
@@ -288,9 +313,11 @@ def main() -> None:
                 row["arms"]["tutorial"] = tutorial(name, folder, samples, epochs, seed, work)
             doc["results"].append(row)
             out.write_text(json.dumps(doc, indent=2))
+            (work / "row.json").write_text(json.dumps({**row, "folder": str(folder)}, indent=2))
             print(table([row]).splitlines()[-1], flush=True)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
     print(table(doc["results"]))
 
 

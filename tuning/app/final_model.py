@@ -6,8 +6,9 @@ each other, and the maximum of many such noisy scores picks the luckiest, often 
 one. So each candidate is first calibrated (a temperature fitted on val, tuning.lib.calibration),
 and the methods judge candidates on calibrated NLL as well as accuracy:
 - "select": one candidate. Those within one image of the best val accuracy and within one image's
-  worth of NLL (ln 2 / n) of the best calibrated NLL among them tie; a tie goes to the candidate
-  closest to the pretrained network (the probe, then the deepest freeze), never to the most confident.
+  worth of NLL (ln 2 / n) of the lowest among them, each at its sharpest temperature (so that
+  confidence alone decides nothing), tie; a tie goes to the candidate closest to the pretrained
+  network (the probe, then the deepest freeze), never to the most confident.
 - "ensemble" (default): greedy selection with replacement over the candidates' calibrated val
   probabilities (Caruana et al., 2004), starting from "select"'s choice, adding the candidate that
   lowers val NLL most, at most `MAX_MEMBERS` distinct, while the ensemble's NLL at its sharpest
@@ -139,9 +140,11 @@ def gather(grid: Any, probe: Candidate | None) -> list[Candidate]:
 
 
 def calibrate(candidates: Sequence[Candidate], labels: np.ndarray) -> None:
+    """Each candidate's temperature and scores at it; `sharpest_nll`, its NLL at whatever temperature
+    suits it best, judges how well it ranks the val images whatever its confidence."""
     for c in candidates:
         c.temperature = C.fit_temperature(c.val_logits, labels)
-        c.calibrated = C.scores(c.log_p(), labels)
+        c.calibrated = {**C.scores(c.log_p(), labels), "sharpest_nll": C.sharpest_nll(C.log_probs(c.val_logits), labels)}
 
 
 def best_acc(candidates: Sequence[Candidate]) -> Candidate:
@@ -149,12 +152,13 @@ def best_acc(candidates: Sequence[Candidate]) -> Candidate:
 
 
 def select(candidates: Sequence[Candidate], labels: np.ndarray) -> Candidate:
-    """One candidate: near-ties on accuracy and calibrated NLL go to the least fine-tuned."""
+    """One candidate: near-ties on accuracy and on NLL at each one's sharpest temperature (so that
+    confidence alone decides nothing) go to the least fine-tuned."""
     n = len(labels)
     top = max(c.calibrated["acc"] for c in candidates)
     near = [c for c in candidates if c.calibrated["acc"] >= top - 1.0 / n - 1e-9]
-    lowest = min(c.calibrated["nll"] for c in near)
-    tied = [c for c in near if c.calibrated["nll"] <= lowest + math.log(2) / n]
+    lowest = min(c.calibrated["sharpest_nll"] for c in near)
+    tied = [c for c in near if c.calibrated["sharpest_nll"] <= lowest + math.log(2) / n]
     return min(tied, key=lambda c: (not c.is_probe, -c.freeze_depth, c.calibrated["nll"]))
 
 
@@ -282,7 +286,8 @@ def record(final: Final, candidates: Sequence[Candidate]) -> dict[str, Any]:
             "checkpoint": c.checkpoint_path,
             "val_acc": c.metrics.get(M.VAL_ACC), "val_loss": c.metrics.get(M.VAL_LOSS),
             "temperature": c.temperature, "calibrated_val_nll": c.calibrated.get("nll"),
-            "calibrated_val_ece": c.calibrated.get("ece"), "weight": weights.get(id(c), 0.0),
+            "calibrated_val_ece": c.calibrated.get("ece"), "sharpest_val_nll": c.calibrated.get("sharpest_nll"),
+            "weight": weights.get(id(c), 0.0),
         } for c in candidates],
     }
 

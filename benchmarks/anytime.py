@@ -37,29 +37,14 @@ def plain_search(args: argparse.Namespace) -> None:
     """Child process: the tutorial-style arm, built only from Ray Tune's and Optuna's own parts."""
     import dataclasses
 
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from benchmarks.tutorial_trainable import make_tutorial_trainable
+    from benchmarks.tutorial_trainable import tutorial_tuner
     from experiments import EXPERIMENTS
-    from search_spaces import space_for
-    from tuning.app.search import Placement, start_ray
+    from tuning.app.search import start_ray
 
     experiment = dataclasses.replace(EXPERIMENTS.get(args.experiment), samples=args.samples, seed=args.seed,
                                      epochs=args.epochs)
-    placement = Placement(storage=args.storage, name="tutorial")
     start_ray()
-    searcher = OptunaSearch(space=space_for(experiment), metric="val_acc", mode="max", seed=experiment.seed,
-                            points_to_evaluate=[dict(experiment.recipe)])
-    scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=experiment.epochs,
-                              grace_period=1, reduction_factor=3)
-    tuner = tune.Tuner(
-        make_tutorial_trainable(experiment, placement, args.data_root),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=experiment.samples,
-                                    max_concurrent_trials=2, reuse_actors=True),
-        run_config=tune.RunConfig(name="tutorial", storage_path=str(Path(args.storage).resolve()), verbose=0),
-    )
+    tuner = tutorial_tuner(experiment, args.storage, data_root=args.data_root)
     grid = tuner.fit()
     best = max(r.metrics.get("best_val_acc", 0.0) for r in grid if r.metrics)
     print(f"trials: {len(grid)}, errored: {len(grid.errors)}\nbest val_acc: {best:.4f}")

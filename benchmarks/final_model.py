@@ -180,28 +180,12 @@ def ours(name: str, folder: Path, samples: int, epochs: int, seed: int, work: Pa
 
 def tutorial_child(args: argparse.Namespace) -> None:
     """Child process: the tutorial-style search on the folder; prints its final model's test scores as json."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from benchmarks.tutorial_trainable import make_tutorial_trainable
-    from search_spaces import space_for
-    from tuning.app.search import Placement, start_ray
+    from benchmarks.tutorial_trainable import tutorial_tuner
+    from tuning.app.search import start_ray
 
     experiment = experiment_for(args.dataset, Path(args.folder), args.samples, args.epochs, args.seed)
-    placement = Placement(storage=args.work, name="tutorial")
     start_ray()
-    searcher = OptunaSearch(space=space_for(experiment), metric="val_acc", mode="max", seed=experiment.seed,
-                            points_to_evaluate=[dict(experiment.recipe)])
-    scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=experiment.epochs,
-                              grace_period=1, reduction_factor=3)
-    tuner = tune.Tuner(
-        make_tutorial_trainable(experiment, placement, None, Path(args.folder)),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=experiment.samples,
-                                    max_concurrent_trials=2, reuse_actors=True),
-        run_config=tune.RunConfig(name="tutorial", storage_path=str(Path(args.work).resolve()), verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
-    )
+    tuner = tutorial_tuner(experiment, args.work, folder=Path(args.folder))
     grid = tuner.fit()
     finals = [r.metrics for r in grid if r.metrics and "best_test_acc" in r.metrics]
     best = max(finals, key=lambda m: (m["best_val_acc"], -m["best_val_loss"]))

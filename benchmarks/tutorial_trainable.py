@@ -101,3 +101,26 @@ def make_tutorial_trainable(experiment: Experiment, placement: Placement, data_r
         tune.with_parameters(tutorial, experiment=experiment, folder=str(folder.resolve()), weights=str(weights)),
         {"cpu": placement.cpus_per_trial, "gpu": placement.gpus_per_trial},
     )
+
+
+def tutorial_tuner(experiment: Experiment, storage: str, data_root: Path | None = None,
+                   folder: Path | None = None) -> tune.Tuner:
+    """The tutorial-style search as a Ray Tune user would write it: OptunaSearch with the recipe
+    first, epoch-based ASHA (grace 1, reduction 3), two trials at a time, over the seeds' loop."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search_spaces import space_for
+
+    placement = Placement(storage=storage, name="tutorial")
+    searcher = OptunaSearch(space=space_for(experiment), metric="val_acc", mode="max", seed=experiment.seed,
+                            points_to_evaluate=[dict(experiment.recipe)])
+    scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=experiment.epochs,
+                              grace_period=1, reduction_factor=3)
+    return tune.Tuner(
+        make_tutorial_trainable(experiment, placement, data_root, folder),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=experiment.samples,
+                                    max_concurrent_trials=2, reuse_actors=True),
+        run_config=tune.RunConfig(name="tutorial", storage_path=str(Path(storage).resolve()), verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )

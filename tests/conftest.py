@@ -37,6 +37,17 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API server (moto) on a free port of 127.0.0.1, one per session: moto's accounts
+    and its IAM switch live in this process (tests/s3.py)."""
+    from tests import s3 as moto_s3
+
+    server, bucket = moto_s3.start()
+    yield bucket
+    server.stop()
+
+
 @dataclass
 class Ran:
     returncode: int

@@ -11,9 +11,7 @@ import sys
 import textwrap
 
 import pandas as pd
-import pytest
 
-from tests import s3 as moto_s3
 from tests.conftest import make_image_folder
 from tuning.app.location import join
 
@@ -57,13 +55,6 @@ SCRIPT = textwrap.dedent("""
         cluster.shutdown()
     print("SHUTDOWN", "clean" if not cluster.list_all_nodes() else "left nodes")
 """ % (SAMPLES, SEED))
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server, bucket = moto_s3.start()
-    yield bucket
-    server.stop()
 
 
 def hparams(table: pd.DataFrame) -> list[dict]:

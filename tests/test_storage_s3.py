@@ -25,13 +25,6 @@ RUN = "hymenoptera"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server, bucket = moto_s3.start()
-    yield bucket
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     make_image_folder(root / "hymenoptera_data", {"train": 8, "val": 6})
@@ -167,7 +160,7 @@ def test_a_killed_driver_resumes_from_the_bucket_on_a_fresh_cache_root(s3, data_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"trials: {samples}," in resumed.stdout
     state = trial_states(s3, prefix)
-    assert len(state) == samples and set(state.values()) == {"TERMINATED"}, state
+    assert len(state) == samples and set(state.values()) == {"TERMINATED"}, (state, resumed.stdout[-1500:])
     trials = {k.split("/")[2].removeprefix("trial_") for k in s3.keys(f"{prefix}/trial_")}
     assert trials == set(state)
     for t in trials:

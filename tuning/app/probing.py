@@ -29,7 +29,7 @@ from tuning.lib.probe import Probe, fit_probe
 PROBE_DIR = "probe"
 PROBE_FILE = "probe.json"
 PROBE_ID = "probe"  # its trial id in results and exports
-PROBE_ONLY = ("linear_probe_l2",)  # its hyperparameters that no trial has
+PROBE_ONLY = ("linear_probe_l2", "linear_probe_standardized")  # its hyperparameters that no trial has
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ProbeResult:
 
     @property
     def config(self) -> dict:
-        return {PROBE_ONLY[0]: self.probe.l2, "freeze_depth": self.freeze_depth}
+        return {PROBE_ONLY[0]: self.probe.l2, PROBE_ONLY[1]: self.probe.standardized, "freeze_depth": self.freeze_depth}
 
     @property
     def metrics(self) -> dict:

@@ -4,7 +4,12 @@ features of centre crops, by L-BFGS, in seconds.
 It is the floor of a search (the export is never worse than it) and the start of every trial's
 head (LP-FT, Kumar et al. ICLR 2022: fine-tuning from a fitted head distorts the pretrained
 features less than fine-tuning from a random one, and its first epoch is already informative).
-The L2 strength is chosen on val like any other hyperparameter: highest val_acc, then lowest val_loss.
+Two choices are made on val like any other hyperparameter, by the lowest val NLL (accuracy on a few
+hundred images has few levels and often ties): the L2 strength, and whether the features are
+standardised first (per feature, by the training images' mean and spread). Standardising lets every
+feature count alike (it was what a shifted val split needed); raw features keep the backbone's own
+scale (what very small images needed). A standardised fit is folded back into raw weights, so the
+head loads into the network as it is.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ class Probe:
     weight: torch.Tensor  # (classes, features): loads into the model's head as it is
     bias: torch.Tensor  # (classes,)
     l2: float
+    standardized: bool  # fitted on standardised features (weight and bias are folded back to raw ones)
     val_acc: float
     val_loss: float
 
@@ -54,18 +60,36 @@ def score(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> tuple[float, flo
     return float(nn.functional.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
 
+def standardizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and spread of the training features (a constant feature gets spread 1)."""
+    spread = x.std(0)
+    return x.mean(0), torch.where(spread > 1e-6, spread, torch.ones_like(spread))
+
+
+def folded(head: nn.Linear, mean: torch.Tensor, spread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (x - mean) / spread + b as raw-feature weights: W / spread, b - (W / spread) mean."""
+    weight = head.weight.detach() / spread
+    return weight.clone(), (head.bias.detach() - weight @ mean).clone()
+
+
 def fit_probe(
     train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int,
     l2_grid: tuple[float, ...] = L2_GRID,
 ) -> Probe:
+    train_x, val_x = train_x.float(), val_x.float()
+    mean, spread = standardizer(train_x)
     best: Probe | None = None
-    for l2 in l2_grid:
-        head = fit_head(train_x, train_y, num_classes, l2)
-        loss, acc = score(head, val_x, val_y)
-        if not math.isfinite(loss):
-            continue
-        if best is None or (acc, -loss) > (best.val_acc, -best.val_loss):
-            best = Probe(head.weight.detach().clone(), head.bias.detach().clone(), l2, acc, loss)
+    for standardized in (False, True):
+        tx, vx = ((train_x - mean) / spread, (val_x - mean) / spread) if standardized else (train_x, val_x)
+        for l2 in l2_grid:
+            head = fit_head(tx, train_y, num_classes, l2)
+            loss, acc = score(head, vx, val_y)
+            if not math.isfinite(loss):
+                continue
+            if best is None or loss < best.val_loss:
+                weight, bias = folded(head, mean, spread) if standardized else \
+                    (head.weight.detach().clone(), head.bias.detach().clone())
+                best = Probe(weight, bias, l2, standardized, acc, loss)
     if best is None:
         raise ValueError("the linear probe diverged for every L2 strength")
     return best

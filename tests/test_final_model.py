@@ -90,13 +90,28 @@ def test_the_temperature_lowers_val_nll_of_an_overconfident_model():
     assert C.ece(C.log_probs(logits, t), labels) < C.ece(C.log_probs(logits), labels)
 
 
+def test_a_temperature_below_one_needs_several_val_errors():
+    """An underconfident model (small margins): NLL alone would sharpen it. With two val errors that
+    is noise, and T stays 1; with many, the sharper temperature is measured, and taken."""
+    labels = np.arange(200) % 2
+    few = np.full(200, 0.5)
+    few[:2] = -0.5
+    assert C.fit_temperature(logits_for(labels, few, 2), labels) == 1.0
+    assert C.sharpest_nll(C.log_probs(logits_for(labels, few, 2)), labels) < C.nll(C.log_probs(logits_for(labels, few, 2)), labels)
+    many = np.full(200, 0.5)
+    many[: 4 * C.MIN_ERRORS_TO_SHARPEN] = -0.5
+    assert C.fit_temperature(logits_for(labels, many, 2), labels) < 0.9
+
+
 def test_the_temperature_lowers_val_nll_on_a_folder_built_to_be_overconfident(ray_session, tmp_path):
-    """Val holds images whose labels contradict train's (red ones filed as bees): a trained head
-    is sure of them and wrong. The export's temperature, fitted on val, softens it: T > 1, and
-    its val NLL is below the same network's raw val loss."""
+    """Val's labels contradict train's (its ants filed as bees and its bees as ants): every fitted
+    head is sure of them and wrong, however its L2 was chosen. The export's temperature, fitted on
+    val, softens it: T > 1, and its val NLL is below the same network's raw val loss."""
     root = make_image_folder(tmp_path / "over", {"train": 12, "val": 10})
-    for f in sorted((root / "val" / "ants").glob("*.jpg"))[:4]:
-        f.rename(root / "val" / "bees" / f"swapped-{f.name}")
+    val = root / "val"
+    (val / "ants").rename(val / "swap")
+    (val / "bees").rename(val / "ants")
+    (val / "swap").rename(val / "bees")
     experiment = Experiment(name="over", dataset=f"folder:{root}", image_size=32, epochs=2, samples=2)
     with contextlib.redirect_stdout(io.StringIO()):
         result = tuning.search(experiment, storage=str(tmp_path / "runs"), final="select")

@@ -12,6 +12,9 @@ from scipy.special import log_softmax, logsumexp
 # The temperature is searched in this range: a val split with few errors would otherwise drive it
 # towards 0 (infinitely confident), which no unseen image justifies.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.5, 20.0
+# Val errors a temperature below 1 (sharper than trained) needs: fitted on one or two, it is noise
+# that unseen images pay for with confident mistakes; softening needs no such evidence.
+MIN_ERRORS_TO_SHARPEN = 3
 ECE_BINS = 15
 
 
@@ -44,15 +47,16 @@ def ece(log_p: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T (logits / T) with the lowest NLL on these labelled logits. Where they are
-    all classified right, a lower NLL only ever asks for more confidence: T is then never below 1
-    (calibration softens, it does not sharpen without an error to measure by)."""
+    """The temperature T (logits / T) with the lowest NLL on these labelled logits. With fewer than
+    `MIN_ERRORS_TO_SHARPEN` errors to measure by, T is never below 1 (a split all right would ask for
+    ever more confidence): calibration then only softens."""
     result = minimize_scalar(
         lambda log_t: nll(log_probs(logits, float(np.exp(log_t))), labels),
         bounds=(np.log(MIN_TEMPERATURE), np.log(MAX_TEMPERATURE)), method="bounded", options={"xatol": 1e-4},
     )
     t = float(np.exp(result.x))
-    return max(t, 1.0) if accuracy(log_probs(logits), labels) == 1.0 else t
+    errors = int((np.asarray(logits).argmax(1) != labels).sum())
+    return t if errors >= MIN_ERRORS_TO_SHARPEN else max(t, 1.0)
 
 
 def sharpest_nll(log_p: np.ndarray, labels: np.ndarray) -> float:

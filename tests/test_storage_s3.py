@@ -164,8 +164,11 @@ def test_a_killed_driver_resumes_from_the_bucket_on_a_fresh_cache_root(s3, data_
     trials = {k.split("/")[2].removeprefix("trial_") for k in s3.keys(f"{prefix}/trial_")}
     assert trials == set(state)
     for t in trials:
+        # Continued, not restarted: epoch 1 ran once and the epochs never go back. Ray restores the
+        # checkpoint its experiment state names, snapshotted apart from progress.csv, so an epoch
+        # reported after the last snapshot may run once more (seen under load: [1, 2, 3, 3]).
         e = epochs(s3, prefix, t)
-        assert e == list(range(1, len(e) + 1)), (t, e)  # no epoch ran twice: continued, not restarted
+        assert e.count(1) == 1 and e == sorted(e) and set(e) == set(range(1, max(e) + 1)), (t, e)
     for t, e in before.items():
         assert epochs(s3, prefix, t) == e  # finished trials were not run again
     assert (tmp_path / "machine-b" / "runs").is_dir()  # the new machine's mirror, not machine a's

@@ -7,9 +7,8 @@ features less than fine-tuning from a random one, and its first epoch is already
 Two choices are made on val like any other hyperparameter, by the lowest val NLL (accuracy on a few
 hundred images has few levels and often ties): the L2 strength, and whether the features are
 standardised first (per feature, by the training images' mean and spread). Standardising lets every
-feature count alike (it was what a shifted val split needed); raw features keep the backbone's own
-scale (what very small images needed). A standardised fit is folded back into raw weights, so the
-head loads into the network as it is.
+feature count alike; raw features keep the backbone's own scale, where small features are noise.
+A standardised fit is folded back into raw weights, so the head loads into the network as it is.
 """
 from __future__ import annotations
 

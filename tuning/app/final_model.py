@@ -13,7 +13,11 @@ and the methods judge candidates on calibrated NLL as well as accuracy:
   probabilities (Caruana et al., 2004), starting from "select"'s choice, adding the candidate that
   lowers val NLL most, at most `MAX_MEMBERS` distinct, while the ensemble's NLL at its sharpest
   temperature drops by more than `MIN_GAIN`: a member must fix what confidence alone cannot, so on
-  a val split already all right nothing is added for being surer.
+  a val split already all right nothing is added for being surer. Unless the ensemble gets
+  significantly more val images right than the probe (`lead_p_value`), the probe then takes half the
+  weight: the fine-tuned candidates' val scores are the best of many noisy ones, the probe's is not,
+  and an output-space mix of a fine-tuned model with the model it started from (WiSE-FT, Wortsman
+  et al., 2022) keeps the fine-tuned accuracy at the starting model's NLL.
 - "soup": greedy weight averaging (Wortsman et al., 2022) in order of val score, an ingredient kept
   if the soup does not get worse on val; BatchNorm statistics are recomputed on training images.
 - "best_acc": the rule before calibration: best val accuracy, lower val loss on ties.
@@ -31,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow.fs as pafs
 import torch
+from scipy.stats import binomtest
 from torch import nn
 
 from tuning.lib import calibration as C
@@ -45,6 +50,8 @@ DEFAULT_METHOD = "ensemble"
 MAX_MEMBERS = 5  # distinct networks in an ensemble: bounds its prediction cost
 MAX_PICKS = 25  # greedy steps, as AutoGluon's ensemble selection
 MIN_GAIN = 1e-3  # val NLL an added member must save: below it, a member is noise fitted to val
+PROBE_SHARE = 0.5  # the probe's weight beside an ensemble whose lead over it is not significant (WiSE-FT's alpha)
+SIGNIFICANT = 0.05  # one-sided exact McNemar p-value an ensemble's lead over the probe must reach to stand alone
 SOUP_INGREDIENTS = 8  # candidates a soup tries, best first: each try recomputes BatchNorm and validates
 BN_IMAGES = 128  # training images that re-estimate a soup's BatchNorm statistics
 FINAL_FILE = "final.json"
@@ -181,6 +188,31 @@ def ensemble(candidates: Sequence[Candidate], labels: np.ndarray, start: Candida
     return [(candidates[i], k / len(picks)) for i, k in counts.items()]
 
 
+def lead_p_value(members: Sequence[tuple[Candidate, float]], probe: Candidate, labels: np.ndarray) -> float:
+    """One-sided exact McNemar test (Dietterich, 1998): the chance of the ensemble being right on at
+    least this many of the val images where it and the probe disagree, if neither were better."""
+    ours = C.mixture([c.log_p() for c, _ in members], [w for _, w in members]).argmax(1) == labels
+    theirs = probe.log_p().argmax(1) == labels
+    wins, losses = int((ours & ~theirs).sum()), int((~ours & theirs).sum())
+    return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue) if wins + losses else 1.0
+
+
+def with_probe(members: list[tuple[Candidate, float]], probe: Candidate, labels: np.ndarray,
+               max_members: int = MAX_MEMBERS) -> list[tuple[Candidate, float]]:
+    """Half the probe, half the ensemble, unless the ensemble's lead over the probe is significant.
+    Within `max_members` distinct networks: the lightest other members make room for the probe."""
+    if lead_p_value(members, probe, labels) < SIGNIFICANT:
+        return members
+    others = sorted([(c, w) for c, w in members if c is not probe], key=lambda m: -m[1])
+    if not others:
+        return members
+    own = sum(w for c, w in members if c is probe)  # the probe's weight inside the ensemble
+    kept = others[: max_members - 1]
+    rest = sum(w for _, w in kept)
+    return [(probe, PROBE_SHARE + (1 - PROBE_SHARE) * own)] + \
+        [(c, (1 - PROBE_SHARE) * (1 - own) * w / rest) for c, w in kept]
+
+
 def ensemble_scores(members: Sequence[tuple[Candidate, float]], labels: np.ndarray) -> dict[str, float]:
     return C.scores(C.mixture([c.log_p() for c, _ in members], [w for _, w in members]), labels)
 
@@ -200,6 +232,9 @@ def choose(candidates: list[Candidate], labels: np.ndarray, method: str = DEFAUL
         final = Final(method, "single", [(one, 1.0)], dict(one.calibrated))
     elif method == "ensemble":
         members = ensemble(candidates, labels, select(candidates, labels))
+        probe = next((c for c in candidates if c.is_probe), None)
+        if probe is not None:
+            members = with_probe(members, probe, labels)
         final = Final(method, "ensemble" if len(members) > 1 else "single", members, ensemble_scores(members, labels))
     else:
         if soup_data is None:

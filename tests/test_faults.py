@@ -179,6 +179,34 @@ def test_resume_prunes_only_trial_dirs_the_saved_state_does_not_know(tmp_path, c
     assert "removed 1 trial dir(s)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("listed", [2, 4], ids=["searcher-newer", "searcher-older"])
+def test_a_resumed_search_counts_the_trials_its_trial_list_holds(tmp_path, listed):
+    """A driver killed between the uploads of the trial list and the searcher's snapshot: the
+    resumed search creates trials up to --samples counting those the trial list holds, not the
+    searcher's own count (3 here), which made `--samples 4` run 5 trials."""
+    from ray.tune.experiment import Experiment as RayExperiment
+
+    from tuning.app.resuming import search_algorithm
+
+    def generator():
+        made = search_algorithm(make_searcher(EXPERIMENTS.get("hymenoptera")), max_concurrent=4)
+        made.add_configurations(RayExperiment("run", run=lambda config: None, num_samples=4))
+        return made
+
+    before = generator()
+    created = [before.next_trial().trial_id for _ in range(3)]
+    before.save_to_dir(str(tmp_path), "2026-01-01_00-00-00")
+    ids = (created + ["dddd0004"])[:listed]
+    state = {"trial_data": [[json.dumps({"trial_id": t}), "{}"] for t in ids]}
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    resumed = generator()
+    resumed.restore_from_dir(str(tmp_path))
+    more = 0
+    while resumed.next_trial() is not None:
+        more += 1
+    assert listed + more == 4, (listed, more)
+
+
 def test_a_worker_killed_by_the_os_is_retried_from_its_checkpoint(cli, data_root, tmp_path):
     """SIGKILL to the trial's own process in its second epoch (as the OOM killer does), once per
     trial: each is retried from its epoch-1 checkpoint and none is lost or run twice."""

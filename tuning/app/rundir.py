@@ -12,6 +12,7 @@ import pyarrow.fs as pafs
 
 from experiments.base import Experiment
 from tuning.app.location import RunLocation
+from tuning.app.resuming import known_trials
 from tuning.lib.errors import UsageError, warn
 from tuning.lib.files import write_atomic
 
@@ -96,7 +97,7 @@ def prune_unknown_trials(location: RunLocation) -> list[str]:
     if not states:
         return []
     with fs.open_input_stream(states[-1]) as f:
-        known = {json.loads(t[0])["trial_id"] for t in json.loads(f.read())["trial_data"]}
+        known = set(known_trials(f.read()))
     removed = []
     for e in entries:
         if e.type == pafs.FileType.Directory and e.base_name.startswith("trial_"):

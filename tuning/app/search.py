@@ -24,9 +24,10 @@ from trainables.finetune import finetune
 from trainables.inputs import TrialData
 from tuning.app.asha import RecipeKeepingASHA
 from tuning.app.location import RunLocation
+from tuning.app.resuming import ResumableOptunaSearch, search_algorithm
 from tuning.app.sampler import DEPTH, CheapFirstTPE
 from tuning.app.steering import Steering
-from tuning.app.syncing import tolerate_vanishing_files
+from tuning.app.syncing import defer_checkpoint_deletion, tolerate_vanishing_files
 from tuning.app.tensorboard import TrialBoard, domains
 from tuning.lib import features, footprint
 from tuning.lib import metrics as M
@@ -213,26 +214,12 @@ def make_searcher(experiment: Experiment, storage: "optuna.storages.BaseStorage 
     )
 
 
-class ResumableOptunaSearch(OptunaSearch):
-    """OptunaSearch that survives a resume in which a restored trial is unknown to it. The trials
-    and the searcher are snapshotted separately (to a bucket, as separate uploads): a driver killed
-    between the two leaves a trial the searcher never saw, whose first result ended the resumed
-    search with a KeyError. Such a trial runs on; the searcher learns nothing from it."""
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._ot_trials:
-            super().on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._ot_trials:
-            super().on_trial_complete(trial_id, result, error)
-
-
 def allow_checkpoint_per_epoch() -> None:
     """One checkpoint kept per trial forces a state snapshot at each report; Ray warns about that
     on every epoch, which is the intended behaviour here."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tolerate_vanishing_files()  # one snapshot per epoch makes Ray's syncing race likely (tuning.app.syncing)
+    defer_checkpoint_deletion()  # and a kill between a deletion and the next snapshot's copy more likely
 
 
 def make_scheduler(experiment: Experiment) -> RecipeKeepingASHA:
@@ -263,11 +250,11 @@ def build_tuner(
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=steering.searcher(make_searcher(experiment, steering.warm), experiment),
+            # OptunaSearch would otherwise keep one trial pending at a time (field notes)
+            search_alg=search_algorithm(steering.searcher(make_searcher(experiment, steering.warm), experiment),
+                                        max_concurrent=check_resources(placement)),
             scheduler=scheduler,
             num_samples=experiment.samples,
-            # OptunaSearch would otherwise keep one trial pending at a time (field notes)
-            max_concurrent_trials=check_resources(placement),
             reuse_actors=True,  # a new trial skips the worker start-up and re-imports
             trial_dirname_creator=trial_dirname,
         ),

@@ -1,10 +1,12 @@
-"""Two searches at once on one machine: shared caches, no foreign traceback, both exported."""
+"""Two searches at once on one machine: shared caches, no foreign traceback, both exported; and
+the races in Ray's driver-side syncing that it made likely (tuning.app.syncing)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pyarrow.fs
@@ -75,3 +77,41 @@ def test_the_retry_is_exactly_one_more_copy_and_a_missing_folder_still_fails(tmp
     with pytest.raises(FileNotFoundError):
         retrying(flaky, attempts=5)(str(tmp_path / "gone"), None, "dest")
     assert len(calls) == 3  # not retried: the folder itself is missing
+
+
+def test_a_checkpoint_ray_lets_go_is_deleted_only_once_a_later_trial_list_is_stored(tmp_path):
+    """Ray deletes a trial's older checkpoint when it registers a newer one; the trial list that
+    stops naming the older one reaches the run dir with a later copy. The deletion waits for that
+    copy: a driver killed in between leaves a trial list whose checkpoints all exist."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal import storage
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+
+    from tuning.app.syncing import defer_checkpoint_deletion, flush_deletions
+
+    defer_checkpoint_deletion()
+    staging, run_dir = tmp_path / "staging", tmp_path / "run"
+    staging.mkdir()
+    state = staging / "experiment_state-x.json"
+    state.write_text("{}")  # saved before the deletion below: it may still name that checkpoint
+    time.sleep(0.05)
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="acc"))
+    folders = []
+    for i, acc in enumerate([1.0, 0.0, 0.5]):  # the second is neither the best nor, after the third, the latest
+        folder = run_dir / f"checkpoint_00000{i}"
+        folder.mkdir(parents=True)
+        folders.append(folder)
+        manager.register_checkpoint(_TrainingResult(Checkpoint.from_directory(str(folder)), {"acc": acc}))
+    assert all(f.is_dir() for f in folders)  # Ray asked to delete the second; it waits
+
+    upload = retrying(storage._upload_to_fs_path, attempts=5)
+    upload(str(staging), pafs.LocalFileSystem(), str(tmp_path / "copy"))
+    assert folders[1].is_dir()  # the copied trial list was saved before Ray let it go
+    time.sleep(0.05)
+    state.write_text("{}")  # Ray's next snapshot, which no longer names it
+    upload(str(staging), pafs.LocalFileSystem(), str(tmp_path / "copy"))
+    assert not folders[1].exists() and folders[0].is_dir() and folders[2].is_dir()
+    flush_deletions()
+    assert folders[0].is_dir() and folders[2].is_dir()

@@ -35,6 +35,7 @@ from tuning.app.rundir import (
     save_spec,
 )
 from tuning.app.steering import Steering
+from tuning.app.syncing import flush_deletions
 from tuning.app.tensorboard import write_export_images
 from tuning.app.warmstart import warm_storage
 from tuning.app.search import (
@@ -266,6 +267,7 @@ def search(
         else:
             tuner = build_tuner(experiment, placement, wrapped, Steering(budget, warm, console))
         grid = tuner.fit()
+        flush_deletions()  # the checkpoints Ray let go, kept until a trial list without them was stored
         # the probe is a result too: a budget that ends before any trial's first epoch still exports it
         floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))
         best = find_best(grid, floor)

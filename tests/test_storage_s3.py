@@ -71,18 +71,36 @@ def read(s3, key: str) -> bytes:
 
 def trial_states(s3, prefix: str) -> dict[str, str]:
     """Each trial's status in the newest experiment state the driver uploaded; {} before the first."""
+    return {t: status for t, (status, _) in trial_records(s3, prefix).items()}
+
+
+def trial_records(s3, prefix: str) -> dict[str, tuple[str, bool]]:
+    """Each trial's status in the newest experiment state the driver uploaded, and whether that
+    state names a checkpoint of it (one Ray restores it from); {} before the first."""
     states = [k for k in s3.keys(f"{prefix}/experiment_state-") if k.endswith(".json")]
     if not states:
         return {}
     try:
         data = json.loads(read(s3, max(states)))
-        return {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in data["trial_data"]}
+        return {json.loads(t)["trial_id"]: (json.loads(t)["status"],
+                                            bool(json.loads(meta)["last_result"].get("checkpoint_dir_name")))
+                for t, meta in data["trial_data"]}
     except (OSError, json.JSONDecodeError, KeyError):
         return {}
 
 
+def rows(s3, prefix: str, trial: str) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(read(s3, f"{prefix}/trial_{trial}/progress.csv")))
+
+
 def epochs(s3, prefix: str, trial: str) -> list[int]:
-    return pd.read_csv(io.BytesIO(read(s3, f"{prefix}/trial_{trial}/progress.csv")))[M.EPOCH].tolist()
+    return rows(s3, prefix, trial)[M.EPOCH].tolist()
+
+
+def from_checkpoint(table: pd.DataFrame) -> bool:
+    """Ray counts a trial's reports since its last restore apart from its reports in all: a report
+    with fewer of the first was made by a trial restored from a checkpoint."""
+    return bool((table["iterations_since_restore"] < table["training_iteration"]).any())
 
 
 def test_a_search_runs_with_s3_storage_and_every_tool_reads_it_from_the_bucket(s3, data_root, tmp_path, capsys, monkeypatch):
@@ -138,9 +156,10 @@ def test_a_killed_driver_resumes_from_the_bucket_on_a_fresh_cache_root(s3, data_
                               env=s3.env(TUNING_CACHE_DIR=str(tmp_path / "machine-a")))
     deadline = time.time() + 300
     while time.time() < deadline:
-        state = trial_states(s3, prefix)
-        finished = {t for t, s in state.items() if s == "TERMINATED"}
-        checkpointed = {t for t in state if t not in finished and s3.keys(f"{prefix}/trial_{t}/checkpoint_")}
+        records = trial_records(s3, prefix)
+        finished = {t for t, (s, _) in records.items() if s == "TERMINATED"}
+        checkpointed = {t for t, (s, named) in records.items()
+                        if s != "TERMINATED" and named and s3.keys(f"{prefix}/trial_{t}/checkpoint_")}
         if finished and checkpointed:
             break
         time.sleep(0.3)
@@ -149,26 +168,37 @@ def test_a_killed_driver_resumes_from_the_bucket_on_a_fresh_cache_root(s3, data_
         pytest.fail("no trial finished with another checkpointed in time")
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    state = trial_states(s3, prefix)
-    finished = {t for t, s in state.items() if s == "TERMINATED"}
-    assert len(finished) < samples, "the search ended before it was killed"
+    records = trial_records(s3, prefix)  # what the resume starts from
+    finished = {t for t, (s, _) in records.items() if s == "TERMINATED"}
+    checkpointed = {t for t, (s, named) in records.items() if s != "TERMINATED" and named}
+    assert len(finished) < samples and checkpointed, ("the search went on before it was killed", records)
     before = {t: epochs(s3, prefix, t) for t in finished}
     time.sleep(2)
 
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600,
                              env=s3.env(TUNING_CACHE_DIR=str(tmp_path / "machine-b")))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"trials: {samples}," in resumed.stdout
+    assert f"trials: {samples}," in resumed.stdout, resumed.stdout[-1500:]
     state = trial_states(s3, prefix)
     assert len(state) == samples and set(state.values()) == {"TERMINATED"}, (state, resumed.stdout[-1500:])
     trials = {k.split("/")[2].removeprefix("trial_") for k in s3.keys(f"{prefix}/trial_")}
     assert trials == set(state)
     for t in trials:
-        # Continued, not restarted: epoch 1 ran once and the epochs never go back. Ray restores the
-        # checkpoint its experiment state names, snapshotted apart from progress.csv, so an epoch
-        # reported after the last snapshot may run once more (seen under load: [1, 2, 3, 3]).
+        # Continued, not restarted: a restart would report epoch 1 again, and the epochs never go
+        # back. Ray restores the checkpoint its experiment state names, snapshotted apart from
+        # progress.csv, so an epoch reported after the last snapshot may run once more (seen under
+        # load: [1, 2, 3, 3]). Rows Ray's driver had not copied to the bucket when it was killed
+        # are lost with it (Ray's CSV logger continues the copied file: seen [2, 3] and [1, 3]):
+        # one gap, and only in a trial that was unfinished at the kill.
         e = epochs(s3, prefix, t)
-        assert e.count(1) == 1 and e == sorted(e) and set(e) == set(range(1, max(e) + 1)), (t, e)
+        missing = sorted(set(range(1, max(e) + 1)) - set(e))
+        assert e.count(1) <= 1 and e == sorted(e) and len(e) <= len(set(e)) + 1, (t, e)
+        if t in records and t not in finished:
+            assert not missing or missing == list(range(missing[0], missing[-1] + 1)), (t, e)
+        else:
+            assert e == list(range(1, max(e) + 1)), (t, e)
+    for t in checkpointed:
+        assert from_checkpoint(rows(s3, prefix, t)), (t, "went on from scratch, not from its checkpoint")
     for t, e in before.items():
         assert epochs(s3, prefix, t) == e  # finished trials were not run again
     assert (tmp_path / "machine-b" / "runs").is_dir()  # the new machine's mirror, not machine a's

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.search import HERE, commit, tree_pss
+from benchmarks.search import HERE, commit, tree_pss, versions
 
 ARMS = ("ours", "tutorial")
 
@@ -145,15 +144,6 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def versions() -> dict[str, str]:
-    import optuna
-    import ray
-    import torch
-
-    return {"torch": torch.__version__, "ray": ray.__version__, "optuna": optuna.__version__,
-            "python": platform.python_version(), "cpus": str(os.cpu_count())}
 
 
 def main() -> None:

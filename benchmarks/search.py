@@ -94,6 +94,18 @@ def commit() -> str:
     return f"{head}-dirty" if changed else head or "unknown"
 
 
+def versions() -> dict[str, str]:
+    """What a figure was measured with (pip may pull another torch from one day to the next)."""
+    import platform
+
+    import optuna
+    import ray
+    import torch
+
+    return {"torch": torch.__version__, "ray": ray.__version__, "optuna": optuna.__version__,
+            "python": platform.python_version(), "cpus": str(os.cpu_count())}
+
+
 def tutorial_arm(args: argparse.Namespace) -> None:
     """Child process: the tutorial-style trainable through our Tuner."""
     import dataclasses
@@ -150,7 +162,7 @@ def main() -> None:
         r = results[arm]
         print(f"{arm:>9}: {r['wall_s']:8.0f} s   best val_acc {r['best_val_acc']:.4f}   peak memory {r['peak_pss_gb']:.2f} GB",
               flush=True)
-    summary = {"commit": commit(), "experiment": args.experiment, "samples": args.samples, "seed": args.seed,
+    summary = {"commit": commit(), "versions": versions(), "experiment": args.experiment, "samples": args.samples, "seed": args.seed,
                "cpus": os.cpu_count(),
                "arms": results}
     if {"ours", "tutorial"} <= results.keys():

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.search import HERE, commit
+from benchmarks.search import HERE, commit, versions
 
 ARMS = ("probe", "best_acc", "select", "soup", "ensemble", "default", "tutorial")
 
@@ -221,15 +220,6 @@ def rescore(kept: Path, out: Path) -> None:
         doc["results"].append(row)
     out.write_text(json.dumps(doc, indent=2))
     print(table(doc["results"]))
-
-
-def versions() -> dict[str, str]:
-    import optuna
-    import ray
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "optuna": optuna.__version__, "cpus": str(__import__("os").cpu_count())}
 
 
 def parse_runs(spec: str) -> list[tuple[str, int, int, int]]:

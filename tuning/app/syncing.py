@@ -26,10 +26,11 @@ import threading
 import time
 from typing import Any, Callable
 
+from tuning.app.resuming import STATE_GLOB  # the trial list Ray saves in its staging folder
+
 # (when Ray asked, its delete function, filesystem, path): deletions waiting for a stored trial list
 _pending: list[tuple[float, Callable[..., None], Any, str]] = []
 _lock = threading.Lock()
-STATE_GLOB = "experiment_state-*.json"  # the trial list Ray saves in its staging folder
 
 
 def tolerate_vanishing_files(attempts: int = 5) -> None:

@@ -184,7 +184,7 @@ def tutorial_child(args: argparse.Namespace) -> None:
 
     experiment = experiment_for(args.dataset, Path(args.folder), args.samples, args.epochs, args.seed)
     start_ray()
-    tuner = tutorial_tuner(experiment, args.work, folder=Path(args.folder))
+    tuner = tutorial_tuner(experiment, args.work, folder=Path(args.folder), max_concurrent=args.concurrency)
     grid = tuner.fit()
     finals = [r.metrics for r in grid if r.metrics and "best_test_acc" in r.metrics]
     best = max(finals, key=lambda m: (m["best_val_acc"], -m["best_val_loss"]))
@@ -192,16 +192,19 @@ def tutorial_child(args: argparse.Namespace) -> None:
                                   "nll": best["best_test_nll"], "ece": best["best_test_ece"], "trials": len(grid)}))
 
 
-def tutorial(name: str, folder: Path, samples: int, epochs: int, seed: int, work: Path) -> dict[str, Any]:
+def tutorial(name: str, folder: Path, samples: int, epochs: int, seed: int, work: Path,
+             concurrency: int = 2) -> dict[str, Any]:
     started = time.time()
     out = subprocess.run([sys.executable, "-m", "benchmarks.final_model", "--tutorial-child", "--dataset", name,
                           "--folder", str(folder), "--samples", str(samples), "--epochs", str(epochs),
-                          "--seed", str(seed), "--work", str(work)], capture_output=True, text=True)
+                          "--seed", str(seed), "--work", str(work), "--tutorial-concurrency", str(concurrency)],
+                         capture_output=True, text=True)
     wall = time.time() - started
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
-        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1], "wall_s": round(wall, 1)}
-    return {**json.loads(line[7:]), "wall_s": round(wall, 1)}
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1], "wall_s": round(wall, 1),
+                "concurrency": concurrency}
+    return {**json.loads(line[7:]), "wall_s": round(wall, 1), "concurrency": concurrency}
 
 
 def rescore(kept: Path, out: Path) -> None:
@@ -287,6 +290,9 @@ def main() -> None:
                    "folder by --keep, with the code as it is now (the tutorial arm and searches' times as kept)")
     p.add_argument("--tutorial-only", action="store_true", help="run only the tutorial-style arm (its rows merge "
                    "with a full run's in --table)")
+    p.add_argument("--tutorial-concurrency", dest="concurrency", type=int, default=2,
+                   help="trials the tutorial-style arm runs at a time (default 2; 1 where two full fine-tunings "
+                   "outgrow the machine's memory: its wall-clock then counts one trial at a time)")
     p.add_argument("--table", help="print the tables of results files written before (comma-separated: rows of the "
                    "same dataset, seed and scale are merged, arm by arm), and exit")
     p.add_argument("--tutorial-child", action="store_true", help=argparse.SUPPRESS)
@@ -305,7 +311,8 @@ def main() -> None:
         return print(table(results) + "\n\n" + summary(results))
     out = Path(args.out)
     doc = {"commit": commit(), "versions": versions(), "runs": args.runs, "tutorial_for": args.tutorial_for,
-           "tutorial_only": args.tutorial_only, "results": []}
+           "tutorial_only": args.tutorial_only,
+           "tutorial_concurrency": args.concurrency, "results": []}
     tutorial_runs = {(n, s) for n, s, _, _ in parse_runs(",".join(f"{part}:1x1" for part in args.tutorial_for.split(",")))} \
         if args.tutorial_for else set()
     for name, seed, samples, epochs in parse_runs(args.runs):
@@ -321,7 +328,7 @@ def main() -> None:
             except Exception as err:  # a miss is reported, not dropped
                 row["arms"] = {"default": {"error": f"{type(err).__name__}: {err}"}}
             if args.tutorial_for is None or (name, seed) in tutorial_runs:
-                row["arms"]["tutorial"] = tutorial(name, folder, samples, epochs, seed, work)
+                row["arms"]["tutorial"] = tutorial(name, folder, samples, epochs, seed, work, args.concurrency)
             doc["results"].append(row)
             out.write_text(json.dumps(doc, indent=2))
             (work / "row.json").write_text(json.dumps({**row, "folder": str(folder)}, indent=2))

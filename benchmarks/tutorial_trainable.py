@@ -104,9 +104,10 @@ def make_tutorial_trainable(experiment: Experiment, placement: Placement, data_r
 
 
 def tutorial_tuner(experiment: Experiment, storage: str, data_root: Path | None = None,
-                   folder: Path | None = None) -> tune.Tuner:
+                   folder: Path | None = None, max_concurrent: int = 2) -> tune.Tuner:
     """The tutorial-style search as a Ray Tune user would write it: OptunaSearch with the recipe
-    first, epoch-based ASHA (grace 1, reduction 3), two trials at a time, over the seeds' loop."""
+    first, epoch-based ASHA (grace 1, reduction 3), two trials at a time (one where two full
+    fine-tunings outgrow the machine's memory), over the seeds' loop."""
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -120,7 +121,7 @@ def tutorial_tuner(experiment: Experiment, storage: str, data_root: Path | None 
     return tune.Tuner(
         make_tutorial_trainable(experiment, placement, data_root, folder),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=experiment.samples,
-                                    max_concurrent_trials=2, reuse_actors=True),
+                                    max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name="tutorial", storage_path=str(Path(storage).resolve()), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )

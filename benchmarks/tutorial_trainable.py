@@ -9,6 +9,7 @@ network's memory layout (the seeds' default NCHW here; ours runs channels_last).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,8 @@ def tutorial_tuner(experiment: Experiment, storage: str, data_root: Path | None 
 
     from search_spaces import space_for
 
-    placement = Placement(storage=storage, name="tutorial")
+    # the machine's CPUs shared by the trials that run at once (one trial alone gets every thread)
+    placement = Placement(storage=storage, name="tutorial", cpus_per_trial=max(1, (os.cpu_count() or 1) // max_concurrent))
     searcher = OptunaSearch(space=space_for(experiment), metric="val_acc", mode="max", seed=experiment.seed,
                             points_to_evaluate=[dict(experiment.recipe)])
     scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=experiment.epochs,

@@ -105,14 +105,17 @@ def experiment_for(name: str, folder: Path, samples: int, epochs: int, seed: int
     return dataclasses.replace(base, samples=samples, epochs=epochs, seed=seed)
 
 
-def test_scores(run_dir: Path, experiment, data) -> dict[str, dict[str, Any]]:
-    """Every arm made from the search's candidates, scored on the test split."""
+def test_scores(run_dir: Path, experiment, data, logits_out: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every arm made from the search's candidates, scored on the test split. With `logits_out`,
+    every candidate's val and test logits go to that .npz: a later combination rule can then be
+    designed on them, and checked, without searching again."""
     import torch
 
     from tuning.app import final_model as F
     from tuning.app.api import soup_data
     from tuning.app.export import member_net
     from tuning.lib import calibration as C
+    from tuning.lib import metrics as M
     from tuning.lib.backbones import BACKBONES
     from tuning.lib.data.transforms import Normalize, eval_batch
 
@@ -154,10 +157,20 @@ def test_scores(run_dir: Path, experiment, data) -> dict[str, dict[str, Any]]:
     m = meta["metrics"]
     arms["default"] = {"what": meta["final"]["kind"], "acc": m["test_acc"], "nll": m["test_nll"], "ece": m["test_ece"]}
     arms["candidates"] = len(candidates)  # type: ignore[assignment]
+    if logits_out is not None:
+        logits_out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            logits_out, names=np.array([c.name for c in candidates]), labels_val=labels_val, labels_test=labels,
+            val=np.stack([c.val_logits for c in candidates]).astype(np.float32),
+            test=np.stack([test_logits(c.checkpoint_path, c.freeze_depth) for c in candidates]).astype(np.float32),
+            freeze_depth=np.array([c.freeze_depth for c in candidates]), is_probe=np.array([c.is_probe for c in candidates]),
+            val_acc=np.array([c.metrics[M.VAL_ACC] for c in candidates]), epoch=np.array([c.metrics[M.EPOCH] for c in candidates]),
+            val_loss=np.array([c.metrics[M.VAL_LOSS] for c in candidates]))
     return arms
 
 
-def ours(name: str, folder: Path, samples: int, epochs: int, seed: int, work: Path) -> dict[str, Any]:
+def ours(name: str, folder: Path, samples: int, epochs: int, seed: int, work: Path,
+         logits_out: Path | None = None) -> dict[str, Any]:
     import tuning
     from tuning.app.api import load_data
 
@@ -166,7 +179,7 @@ def ours(name: str, folder: Path, samples: int, epochs: int, seed: int, work: Pa
     result = tuning.search(experiment, storage=str(work / "runs"), name="ours")
     wall = time.time() - started
     _, data = load_data(experiment, None, open("/dev/null", "w"))
-    arms = test_scores(Path(result.run_dir), experiment, data)
+    arms = test_scores(Path(result.run_dir), experiment, data, logits_out)
     record = json.loads((Path(result.run_dir) / "probe.json").read_text())
     arms["probe"]["wall_s"] = round(record["timestamp"] - started, 1)
     combine = {k: v.get("combine_s", 0.0) for k, v in arms.items() if isinstance(v, dict)}
@@ -290,6 +303,8 @@ def main() -> None:
                    "folder by --keep, with the code as it is now (the tutorial arm and searches' times as kept)")
     p.add_argument("--tutorial-only", action="store_true", help="run only the tutorial-style arm (its rows merge "
                    "with a full run's in --table)")
+    p.add_argument("--save-logits", help="write every candidate's val and test logits under this folder, one "
+                   "DATASET-SEED-SCALE.npz per run (to design a combination rule without searching again)")
     p.add_argument("--tutorial-concurrency", dest="concurrency", type=int, default=2,
                    help="trials the tutorial-style arm runs at a time (default 2; 1 where two full fine-tunings "
                    "outgrow the machine's memory: its wall-clock then counts one trial at a time)")
@@ -324,7 +339,8 @@ def main() -> None:
             row = {"dataset": name, "seed": seed, "samples": samples, "epochs": epochs, "arms": {}}
             try:
                 if not args.tutorial_only:
-                    row["arms"] = ours(name, folder, samples, epochs, seed, work)
+                    npz = Path(args.save_logits) / f"{name}-{seed}-{samples}x{epochs}.npz" if args.save_logits else None
+                    row["arms"] = ours(name, folder, samples, epochs, seed, work, npz)
             except Exception as err:  # a miss is reported, not dropped
                 row["arms"] = {"default": {"error": f"{type(err).__name__}: {err}"}}
             if args.tutorial_for is None or (name, seed) in tutorial_runs:

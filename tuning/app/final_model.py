@@ -5,10 +5,10 @@ Accuracy on a few hundred validation images has few levels: most trials end with
 each other, and the maximum of many such noisy scores picks the luckiest, often an overconfident
 one. So each candidate is first calibrated (a temperature fitted on val, tuning.lib.calibration),
 and the methods judge candidates on calibrated NLL as well as accuracy:
-- "select": one candidate. Those within one image of the best val accuracy and within one image's
-  worth of NLL (ln 2 / n) of the lowest among them, each at its sharpest temperature (so that
-  confidence alone decides nothing), tie; a tie goes to the candidate closest to the pretrained
-  network (the probe, then the deepest freeze), never to the most confident.
+- "select": one candidate. Those within one image's worth of NLL (ln 2 / n) of the lowest val NLL,
+  each at its sharpest temperature (so that confidence alone decides nothing), tie; a tie goes to
+  the candidate closest to the pretrained network (the probe, then the deepest freeze), never to
+  the most confident. Accuracy, with its few levels, does not filter first.
 - "ensemble" (default): greedy selection with replacement over the candidates' calibrated val
   probabilities (Caruana et al., 2004), starting from "select"'s choice, adding the candidate that
   lowers val NLL most, at most `MAX_MEMBERS` distinct, while the ensemble's NLL at its sharpest
@@ -159,13 +159,12 @@ def best_acc(candidates: Sequence[Candidate]) -> Candidate:
 
 
 def select(candidates: Sequence[Candidate], labels: np.ndarray) -> Candidate:
-    """One candidate: near-ties on accuracy and on NLL at each one's sharpest temperature (so that
-    confidence alone decides nothing) go to the least fine-tuned."""
+    """One candidate: the lowest val NLL at each one's sharpest temperature (so that confidence alone
+    decides nothing); near-ties, within one image's worth (ln 2 / n), go to the least fine-tuned.
+    Accuracy does not filter first: its few levels on a small val split reward the luckiest."""
     n = len(labels)
-    top = max(c.calibrated["acc"] for c in candidates)
-    near = [c for c in candidates if c.calibrated["acc"] >= top - 1.0 / n - 1e-9]
-    lowest = min(c.calibrated["sharpest_nll"] for c in near)
-    tied = [c for c in near if c.calibrated["sharpest_nll"] <= lowest + math.log(2) / n]
+    lowest = min(c.calibrated["sharpest_nll"] for c in candidates)
+    tied = [c for c in candidates if c.calibrated["sharpest_nll"] <= lowest + math.log(2) / n]
     return min(tied, key=lambda c: (not c.is_probe, -c.freeze_depth, c.calibrated["nll"]))
 
 

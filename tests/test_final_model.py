@@ -256,3 +256,27 @@ def test_the_search_records_its_candidates_and_report_shows_them(finished_run, c
     assert "final model" in out.stdout and "calibrated val NLL" in out.stdout
     for c in record["candidates"][:3]:
         assert c["trial_id"] in out.stdout
+
+
+def test_saved_logits_are_scored_again_per_arm(tmp_path):
+    """benchmarks.final_model_offline: each arm is scored on the test logits of the candidates it
+    chose, in the saved order (the overconfident 'sure' for best_acc, the probe for select)."""
+    from benchmarks.final_model_offline import arms
+
+    labels = np.arange(60) % 3
+    rng = np.random.default_rng(0)
+    val = [logits_for(labels, 3.0 + rng.normal(0, 0.5, 60)), logits_for(labels, 25.0 + rng.normal(0, 1, 60))]
+    test_margins = np.full(60, 2.0)
+    test_margins[:6] = -2.0  # the probe: 54 of 60 right on test
+    sure_margins = np.full(60, 30.0)
+    sure_margins[:12] = -30.0  # 'sure': 48 right, wildly sure of its mistakes
+    test = [logits_for(labels, test_margins), logits_for(labels, sure_margins)]
+    path = tmp_path / "run.npz"
+    np.savez(path, names=np.array(["probe@0", "sure@1"]), labels_val=labels, labels_test=labels,
+             val=np.stack(val), test=np.stack(test), freeze_depth=np.array([9, 0]), is_probe=np.array([True, False]),
+             val_acc=np.array([1.0, 1.0]), epoch=np.array([0, 1]),
+             val_loss=np.array([C.nll(C.log_probs(v), labels) for v in val]))
+    scored = arms(path)
+    assert scored["probe"]["right"] == 54 and scored["probe"]["nll"] == pytest.approx(C.nll(C.log_probs(test[0]), labels))
+    assert scored["best_acc"]["right"] == 48 and scored["best_acc"]["nll"] > 5
+    assert scored["select"]["right"] == 54 and scored["ensemble"]["members"] == 1

@@ -14,10 +14,10 @@ and the methods judge candidates on calibrated NLL as well as accuracy:
   lowers val NLL most, at most `MAX_MEMBERS` distinct, while the ensemble's NLL at its sharpest
   temperature drops by more than `MIN_GAIN`: a member must fix what confidence alone cannot, so on
   a val split already all right nothing is added for being surer. Unless the ensemble gets
-  significantly more val images right than the probe (`lead_p_value`), the probe then takes half the
-  weight: the fine-tuned candidates' val scores are the best of many noisy ones, the probe's is not,
-  and an output-space mix of a fine-tuned model with the model it started from (WiSE-FT, Wortsman
-  et al., 2022) keeps the fine-tuned accuracy at the starting model's NLL.
+  significantly more val images right than the probe (`lead_p_value`), the probe then takes three
+  quarters of the weight: the fine-tuned candidates' val scores are the best of many noisy ones,
+  the probe's is not, and an output-space mix of a fine-tuned model with the model it started from
+  (WiSE-FT, Wortsman et al., 2022) keeps some of the fine-tuned accuracy at the starting model's NLL.
 - "soup": greedy weight averaging (Wortsman et al., 2022) in order of val score, an ingredient kept
   if the soup does not get worse on val; BatchNorm statistics are recomputed on training images.
 - "best_acc": the rule before calibration: best val accuracy, lower val loss on ties.
@@ -50,7 +50,7 @@ DEFAULT_METHOD = "ensemble"
 MAX_MEMBERS = 5  # distinct networks in an ensemble: bounds its prediction cost
 MAX_PICKS = 25  # greedy steps, as AutoGluon's ensemble selection
 MIN_GAIN = 1e-3  # val NLL an added member must save: below it, a member is noise fitted to val
-PROBE_SHARE = 0.5  # the probe's weight beside an ensemble whose lead over it is not significant (WiSE-FT's alpha)
+PROBE_SHARE = 0.75  # the probe's weight beside an ensemble whose lead over it is not significant (WiSE-FT's 1 - alpha)
 SIGNIFICANT = 0.05  # one-sided exact McNemar p-value an ensemble's lead over the probe must reach to stand alone
 SOUP_INGREDIENTS = 8  # candidates a soup tries, best first: each try recomputes BatchNorm and validates
 BN_IMAGES = 128  # training images that re-estimate a soup's BatchNorm statistics

@@ -212,12 +212,11 @@ def tutorial(name: str, folder: Path, samples: int, epochs: int, seed: int, work
                           "--folder", str(folder), "--samples", str(samples), "--epochs", str(epochs),
                           "--seed", str(seed), "--work", str(work), "--tutorial-concurrency", str(concurrency)],
                          capture_output=True, text=True)
-    wall = time.time() - started
+    timing = {"wall_s": round(time.time() - started, 1), "concurrency": concurrency}
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
-        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1], "wall_s": round(wall, 1),
-                "concurrency": concurrency}
-    return {**json.loads(line[7:]), "wall_s": round(wall, 1), "concurrency": concurrency}
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1], **timing}
+    return {**json.loads(line[7:]), **timing}
 
 
 def rescore(kept: Path, out: Path) -> None:

@@ -67,6 +67,23 @@ def test_one_more_val_image_with_a_meaningless_loss_does_not_win():
     assert F.choose([good, lucky], labels, "select").lead is good
 
 
+def test_two_more_val_images_do_not_outweigh_val_nll():
+    """select ranks on NLL, not accuracy first: a candidate two images ahead that barely separates
+    the classes (94 right at margin 0.5) loses to one that ranks them well (92 right at margin 3,
+    its 8 errors near the boundary). With accuracy first, as before, the first would win."""
+    labels = np.arange(100) % 2
+    ranks = np.full(100, 3.0)
+    ranks[:8] = -0.2
+    barely = np.full(100, 0.5)
+    barely[:6] = -0.5
+    good = cand("good", logits_for(labels, ranks, 2), labels, depth=4)
+    ahead = cand("ahead", logits_for(labels, barely, 2), labels, depth=4)
+    final = F.choose([good, ahead], labels, "select")
+    assert ahead.calibrated["acc"] - good.calibrated["acc"] == pytest.approx(0.02)
+    assert ahead.calibrated["sharpest_nll"] > good.calibrated["sharpest_nll"] + 0.05
+    assert final.lead is good
+
+
 def test_the_ensemble_adds_members_that_lower_val_nll_and_weights_sum_to_one():
     """Two candidates wrong on different images: their average is right on more of them."""
     labels = np.arange(90) % 3

@@ -35,7 +35,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow.fs as pafs
 import torch
-from scipy.stats import binomtest
 from torch import nn
 
 from tuning.lib import calibration as C
@@ -193,7 +192,8 @@ def lead_p_value(members: Sequence[tuple[Candidate, float]], probe: Candidate, l
     ours = C.mixture([c.log_p() for c, _ in members], [w for _, w in members]).argmax(1) == labels
     theirs = probe.log_p().argmax(1) == labels
     wins, losses = int((ours & ~theirs).sum()), int((~ours & theirs).sum())
-    return float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue) if wins + losses else 1.0
+    n = wins + losses  # P(X >= wins) for X ~ Binomial(n, 1/2); exact, without scipy.stats' 0.5 s import
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
 
 
 def with_probe(members: list[tuple[Candidate, float]], probe: Candidate, labels: np.ndarray,

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -108,6 +108,15 @@ def experiment_for(name: str, folder: Path, samples: int, epochs: int, seed: int
     return dataclasses.replace(base, samples=samples, epochs=epochs, seed=seed)
 
 
+def arm_log_p(final, test_logits: Callable[[Any], np.ndarray]) -> np.ndarray:
+    """An arm's test log-probabilities: its members' test logits mixed by weight, each at the
+    temperature fitted on val, except best_acc's (the rule before calibration: temperature 1)."""
+    from tuning.lib import calibration as C
+
+    return C.mixture([C.log_probs(test_logits(c), 1.0 if final.method == "best_acc" else c.temperature)
+                      for c, _ in final.members], [w for _, w in final.members])
+
+
 def test_scores(run_dir: Path, experiment, data, logits_out: Path | None = None) -> dict[str, dict[str, Any]]:
     """Every arm made from the search's candidates, scored on the test split. With `logits_out`,
     every candidate's val and test logits go to that .npz: a later combination rule can then be
@@ -153,9 +162,7 @@ def test_scores(run_dir: Path, experiment, data, logits_out: Path | None = None)
         if final.soup_state is not None and len(final.members) > 1:
             log_p = C.log_probs(test_logits("soup", 0, final.soup_state), final.soup_temperature)
         else:
-            temperature = (lambda c: 1.0) if method == "best_acc" else (lambda c: c.temperature)
-            log_p = C.mixture([C.log_probs(test_logits(c.checkpoint_path, c.freeze_depth), temperature(c))
-                               for c, _ in final.members], [w for _, w in final.members])
+            log_p = arm_log_p(final, lambda c: test_logits(c.checkpoint_path, c.freeze_depth))
         arms[method] = {"what": final.describe(), "combine_s": round(final.seconds, 2), **C.scores(log_p, labels)}
     m = meta["metrics"]
     arms["default"] = {"what": meta["final"]["kind"], "acc": m["test_acc"], "nll": m["test_nll"], "ece": m["test_ece"]}

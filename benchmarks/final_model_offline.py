@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.final_model import arm_log_p
 from tuning.app import final_model as F
 from tuning.lib import calibration as C
 from tuning.lib import metrics as M
@@ -38,14 +39,13 @@ def arms(path: Path) -> dict[str, dict[str, float]]:
     out = {}
     for arm in ARMS:
         if arm == "probe":
-            members, calibrated = [(next(c for c in found if c.is_probe), 1.0)], False
+            members, log_p = 1, C.log_probs(test[index[id(next(c for c in found if c.is_probe))]])
         else:
-            members, calibrated = F.choose(found, labels_val, arm).members, arm != "best_acc"
-        log_p = C.mixture([C.log_probs(test[index[id(c)]], c.temperature if calibrated else 1.0) for c, _ in members],
-                          [w for _, w in members])
+            final = F.choose(found, labels_val, arm)
+            members, log_p = len(final.members), arm_log_p(final, lambda c: test[index[id(c)]])
         scores = C.scores(log_p, labels_test)
         out[arm] = {"right": round(scores["acc"] * len(labels_test)), "of": len(labels_test),
-                    "nll": scores["nll"], "ece": scores["ece"], "members": len(members)}
+                    "nll": scores["nll"], "ece": scores["ece"], "members": members}
     return out
 
 

@@ -191,7 +191,8 @@ def ours_child(args: argparse.Namespace) -> None:
 def child(kind: str, name: str, folder: Path, samples: int, epochs: int, seed: int, work: Path,
           concurrency: int = 2) -> tuple[dict[str, Any] | None, str, float]:
     """A search in a fresh process, so that each arm's wall-clock counts what a user's command
-    pays: the interpreter, the imports, Ray's start and stop. (RESULT json or None, stderr, seconds)."""
+    pays: the interpreter, the imports, Ray's start and stop. Its stderr goes to the console.
+    Returns (its RESULT json, or None if it printed none; an error line for that case; start time)."""
     started = time.time()
     out = subprocess.run([sys.executable, "-m", "benchmarks.final_model", f"--{kind}-child", "--dataset", name,
                           "--folder", str(folder), "--samples", str(samples), "--epochs", str(epochs),

@@ -198,7 +198,7 @@ def lead_p_value(members: Sequence[tuple[Candidate, float]], probe: Candidate, l
 
 def with_probe(members: list[tuple[Candidate, float]], probe: Candidate, labels: np.ndarray,
                max_members: int = MAX_MEMBERS) -> list[tuple[Candidate, float]]:
-    """Half the probe, half the ensemble, unless the ensemble's lead over the probe is significant.
+    """The probe at `PROBE_SHARE`, the ensemble the rest, unless the ensemble's lead over the probe is significant.
     Within `max_members` distinct networks: the lightest other members make room for the probe."""
     if lead_p_value(members, probe, labels) < SIGNIFICANT:
         return members

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Ran, make_image_folder
+from tests.conftest import Ran, make_flat_folder, make_image_folder
 
 
 def run_cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -44,6 +44,7 @@ def data_root(tmp_path_factory):
     (["hymenoptera", "--warm-start", "/no/such/run", "--resume"], "--warm-start seeds a new search"),
     (["hymenoptera", "--backbone", "timm:nosuch_net"], "unknown timm model 'nosuch_net'"),
     (["hymenoptera", "--backbone", "timm:vit_tiny_patch16_224"], "cannot be cut into stages"),
+    (["folder:/no/such/images"], "folder /no/such/images not found"),
     ([], "name an experiment"),
 ])
 def test_bad_run_arguments(cli, tmp_path, data_root, args, message):
@@ -61,6 +62,22 @@ def test_missing_data_root_says_where_to_put_the_folder(tmp_path):
     out = run_cli("tuning.run", "hymenoptera", "--data-root", str(tmp_path / "empty"), "--storage", str(tmp_path / "runs"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "put the 'hymenoptera_data' folder under" in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_data_that_cannot_be_listed_starts_no_ray(tmp_path):
+    """The API lists the data before Ray starts: a broken folder is answered without Ray's start
+    and stop (about ten seconds here). A fresh interpreter, so that no test's Ray is running."""
+    make_flat_folder(tmp_path / "one", {"a": 5})
+    code = ("import ray, tuning\n"
+            "try:\n"
+            f"    tuning.search('folder:{tmp_path / 'one'}', storage='{tmp_path / 'runs'}')\n"
+            "except tuning.UsageError as err:\n"
+            "    print('usage error:', err)\n"
+            "print('ray started:', ray.is_initialized())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "usage error: " in out.stdout and "has 1 class" in out.stdout, out.stdout + out.stderr
+    assert "ray started: False" in out.stdout
     assert not (tmp_path / "runs").exists()
 
 

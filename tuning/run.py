@@ -15,13 +15,15 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Callable  # noqa: E402
 
 from tuning.app.location import RunLocation, is_uri  # noqa: E402
+from tuning.lib.data.sources import check_folder  # noqa: E402
 from tuning.lib.errors import exit_on_usage_error  # noqa: E402
 
 if TYPE_CHECKING:
     from tuning.app.api import SearchResult
 
-# torch, timm, Ray and the rest (tuning.app.api) are imported in main, after a remote --storage
-# is probed: a wrong endpoint or bucket is answered in a second, not after ~10 s of imports
+# torch, timm, Ray and the rest (tuning.app.api) are imported in main, after a folder:PATH and a
+# remote --storage are checked: a typo, a wrong endpoint or bucket is answered in a second, not
+# after ~10 s of imports
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -63,9 +65,11 @@ def main(
     """`trainable` replaces `trainables.finetune.finetune` (tests wrap it to inject faults);
     `started`: when the user's clock started (the process start as a command), default now."""
     args = parse(argv)
-    if not args.list and is_uri(args.storage or ""):
+    if not args.list:
         with exit_on_usage_error("tuning.run"):
-            RunLocation(args.storage, args.name or "_").check_writable()  # search() checks again, cheaply
+            check_folder(args.experiment or "")  # a mistyped folder:PATH is answered before the imports
+            if is_uri(args.storage or ""):
+                RunLocation(args.storage, args.name or "_").check_writable()  # search() checks again, cheaply
     from experiments import EXPERIMENTS
     from tuning.app.api import SearchOptions, search
     from tuning.lib.backbones import BACKBONES

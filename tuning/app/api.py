@@ -51,6 +51,7 @@ from tuning.lib.backbones import BACKBONES
 from tuning.lib.data import decoded_store
 from tuning.lib.data.decode import Dataset
 from tuning.lib.data.fetch import resolve_data_root
+from tuning.lib.data.listing import Listing
 from tuning.lib.data.sources import create_source
 from tuning.lib import metrics as M
 from tuning.lib.data.transforms import Normalize, eval_batch, resize_for
@@ -180,12 +181,18 @@ def resolve_weights(experiment: Experiment, weights: Path | None) -> Path | None
     return path.resolve()
 
 
-def load_data(
-    experiment: Experiment, data_root: str | None, out: TextIO | None = None
-) -> tuple[decoded_store.StoreHandle, Dataset]:
-    """List the dataset, then decode it into the store unless this machine already has it."""
+def list_data(experiment: Experiment, data_root: str | None) -> Listing:
+    """The dataset's files and splits; raises UsageError for missing or malformed data."""
     source = create_source(experiment.dataset)
-    listing = source.list(resolve_data_root(data_root), seed=experiment.seed, per_class=experiment.per_class)
+    return source.list(resolve_data_root(data_root), seed=experiment.seed, per_class=experiment.per_class)
+
+
+def load_data(
+    experiment: Experiment, data_root: str | None, out: TextIO | None = None, listing: Listing | None = None
+) -> tuple[decoded_store.StoreHandle, Dataset]:
+    """List the dataset (unless `listing` is given), then decode it into the store unless this
+    machine already has it."""
+    listing = listing if listing is not None else list_data(experiment, data_root)
     handle = decoded_store.build(listing, resize_for(experiment.image_size), experiment.image_mode)
     data = handle.open()
     print(f"data: {', '.join(f'{k} {len(v)}' for k, v in data.splits.items())} images, "
@@ -203,12 +210,13 @@ class Prepared:
 
 
 def prepare(
-    experiment: Experiment, placement: Placement, options: SearchOptions, started: float, console: TextIO
+    experiment: Experiment, placement: Placement, options: SearchOptions, started: float, console: TextIO,
+    listing: Listing,
 ) -> Prepared:
     """Everything before the first trial that needs no Ray: weights, data, the linear probe (the
     search's first result and every trial's starting head, tuning.app.probing)."""
     weights = resolve_weights(experiment, Path(options.weights) if options.weights else None)
-    handle, data = load_data(experiment, options.data_root, console)
+    handle, data = load_data(experiment, options.data_root, console, listing)
     probe, model = probing.fit(experiment, data, weights, feature_cache(experiment, placement, handle, weights))
     print(f"linear probe: val_acc {probe.probe.val_acc:.4f} (val_loss {probe.probe.val_loss:.4f}, "
           f"l2 {probe.probe.l2:g}{', standardised features' if probe.probe.standardized else ''}), {time.time() - started:.0f} s after start", file=console, flush=True)
@@ -240,11 +248,12 @@ def search(
     check_run_dir(location, options.resume)
     if options.resume:
         check_same_experiment(location.local, experiment)
+    listing = list_data(experiment, options.data_root)  # missing data is said in a second, not after Ray's start and stop
     with quiet(location.local / LOG_FILE, options.verbose) as console:
         warm = warm_storage(options.warm_start, experiment)[0] if options.warm_start else None
         # Ray starts (mostly waiting on its processes) while the data is decoded and the probe fitted
         with ThreadPoolExecutor(max_workers=1) as pool:
-            preparing = pool.submit(prepare, experiment, placement, options, started, console)
+            preparing = pool.submit(prepare, experiment, placement, options, started, console, listing)
             try:
                 start_ray(options.address, options.dashboard, options.verbose, placement.memory_gb)
             finally:

@@ -51,9 +51,12 @@ class UserFolder:
 
     path: Path
 
-    def list(self, root: Path | None = None, *, seed: int = 0, per_class: int | None = None) -> "Listing":
+    def check(self) -> None:
         if not self.path.is_dir():
             raise UsageError(f"folder {self.path} not found")
+
+    def list(self, root: Path | None = None, *, seed: int = 0, per_class: int | None = None) -> "Listing":
+        self.check()
         if (self.path / "train").is_dir():
             splits = tuple(s for s in ("train", "val", "test") if (self.path / s).is_dir())
             holdout = None if "val" in splits else 0.2
@@ -120,6 +123,14 @@ def parse_folder(spec: str) -> Path | None:
     if not given:
         raise UsageError(f"{FOLDER_PREFIX} needs a path, e.g. {FOLDER_PREFIX}/data/my_images")
     return Path(given).expanduser().resolve()
+
+
+def check_folder(spec: str) -> None:
+    """Raises UsageError if `spec` is `folder:PATH` and PATH is no folder; the CLI asks this before
+    its slow imports. Other specs pass: they are checked when listed."""
+    folder = parse_folder(spec)
+    if folder is not None:
+        UserFolder(folder).check()
 
 
 def create_source(name: str) -> Source:

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -191,16 +192,31 @@ def ours_child(args: argparse.Namespace) -> None:
 def child(kind: str, name: str, folder: Path, samples: int, epochs: int, seed: int, work: Path,
           concurrency: int = 2) -> tuple[dict[str, Any] | None, str, float]:
     """A search in a fresh process, so that each arm's wall-clock counts what a user's command
-    pays: the interpreter, the imports, Ray's start and stop. Its stderr goes to the console.
-    Returns (its RESULT json, or None if it printed none; an error line for that case; start time)."""
+    pays: the interpreter, the imports, Ray's start and stop. Its stderr goes to the console as it
+    comes. Returns (its RESULT json, or None if it printed none; an error line for that case,
+    ending with its last stderr line; start time)."""
     started = time.time()
-    out = subprocess.run([sys.executable, "-m", "benchmarks.final_model", f"--{kind}-child", "--dataset", name,
-                          "--folder", str(folder), "--samples", str(samples), "--epochs", str(epochs),
-                          "--seed", str(seed), "--work", str(work), "--tutorial-concurrency", str(concurrency)],
-                         stdout=subprocess.PIPE, text=True)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    print("\n".join(l for l in out.stdout.splitlines() if not l.startswith("RESULT ")), flush=True)
-    return (json.loads(line[7:]) if line else None), f"{kind} search exited with {out.returncode}", started
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.final_model", f"--{kind}-child", "--dataset", name,
+                             "--folder", str(folder), "--samples", str(samples), "--epochs", str(epochs),
+                             "--seed", str(seed), "--work", str(work), "--tutorial-concurrency", str(concurrency)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last: list[str] = []
+
+    def relay() -> None:  # a failing child's cause then reaches the results file, not only the console
+        for l in proc.stderr:
+            sys.stderr.write(l)
+            if l.strip():
+                last[:] = [l.strip()]
+
+    relaying = threading.Thread(target=relay, daemon=True)
+    relaying.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    relaying.join()
+    line = next((l for l in stdout.splitlines() if l.startswith("RESULT ")), None)
+    print("\n".join(l for l in stdout.splitlines() if not l.startswith("RESULT ")), flush=True)
+    error = f"{kind} search exited with {proc.returncode}" + (f": {last[0][:300]}" if last else "")
+    return (json.loads(line[7:]) if line else None), error, started
 
 
 def ours(name: str, folder: Path, samples: int, epochs: int, seed: int, work: Path,
@@ -234,6 +250,9 @@ def tutorial_child(args: argparse.Namespace) -> None:
     tuner = tutorial_tuner(experiment, args.work, folder=Path(args.folder), max_concurrent=args.concurrency)
     grid = tuner.fit()
     finals = [r.metrics for r in grid if r.metrics and "best_test_acc" in r.metrics]
+    if not finals:
+        causes = {str(r.error).strip().splitlines()[-1][:200] for r in grid if r.error is not None}
+        raise SystemExit(f"no tutorial trial reached its end: {'; '.join(sorted(causes)) or 'no error recorded'}")
     best = max(finals, key=lambda m: (m["best_val_acc"], -m["best_val_loss"]))
     print("RESULT " + json.dumps({"val_acc": best["best_val_acc"], "acc": best["best_test_acc"],
                                   "nll": best["best_test_nll"], "ece": best["best_test_ece"], "trials": len(grid)}))

@@ -49,6 +49,19 @@ def arms(path: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def paired(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Each arm's test NLL minus the probe's on the same run: its mean, the standard error of that
+    mean, and on how many runs it is below / above: whether a gap is more than run-to-run noise."""
+    lines = ["| arm minus probe | mean test NLL difference | standard error | runs below / above | images right |",
+             "|---|---|---|---|---|"]
+    for arm in ARMS[1:]:
+        d = np.array([r[arm]["nll"] - r["probe"]["nll"] for r in rows.values()])
+        right = sum(r[arm]["right"] - r["probe"]["right"] for r in rows.values())
+        lines.append(f"| {arm} | {d.mean():+.4f} | {d.std(ddof=1) / np.sqrt(len(d)):.4f} | "
+                     f"{int((d < 0).sum())} / {int((d > 0).sum())} | {right:+d} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="benchmarks.final_model_offline", description=__doc__.split("\n")[0])
     p.add_argument("npz", nargs="+", help="files written by benchmarks.final_model --save-logits")
@@ -63,6 +76,8 @@ def main() -> None:
                    np.mean([r[arm]["nll"] for r in rows.values()]), np.mean([r[arm]["ece"] for r in rows.values()]))
              for arm in ARMS}
     print(f"| mean ({len(rows)}) | " + " | ".join(f"{a}/{b} / {c:.4f} / {d:.3f}" for a, b, c, d in means.values()) + " |")
+    if len(rows) > 1:
+        print(paired(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -297,3 +297,28 @@ def test_saved_logits_are_scored_again_per_arm(tmp_path):
     assert scored["probe"]["right"] == 54 and scored["probe"]["nll"] == pytest.approx(C.nll(C.log_probs(test[0]), labels))
     assert scored["best_acc"]["right"] == 48 and scored["best_acc"]["nll"] > 5
     assert scored["select"]["right"] == 54 and scored["ensemble"]["members"] == 1
+
+
+def test_a_failing_benchmark_search_reports_its_last_stderr_line(tmp_path, capfd):
+    """benchmarks.final_model.child: a search process that dies leaves its cause in the results
+    file (the error line) as well as on the console."""
+    from benchmarks.final_model import child
+
+    missing = tmp_path / "no-such-folder"
+    result, error, _ = child("ours", "mine", missing, 1, 1, 0, tmp_path)
+    assert result is None
+    assert error.startswith("ours search exited with 1: ") and "no-such-folder" in error
+    assert "Traceback" in capfd.readouterr().err
+
+
+def test_the_offline_scorer_pairs_each_arm_with_the_probe_of_the_same_run():
+    """benchmarks.final_model_offline.paired: differences are taken run by run, not of the means."""
+    from benchmarks.final_model_offline import paired
+
+    def run(probe: float, ensemble: float) -> dict[str, dict[str, float]]:
+        arm = lambda nll, right: {"nll": nll, "right": right}  # noqa: E731
+        return {"probe": arm(probe, 10), "best_acc": arm(probe + 1, 9), "select": arm(probe, 10), "ensemble": arm(ensemble, 11)}
+
+    table = paired({"a": run(0.10, 0.08), "b": run(0.30, 0.31), "c": run(0.20, 0.17)})
+    line = next(l for l in table.splitlines() if l.startswith("| ensemble"))
+    assert line == "| ensemble | -0.0133 | 0.0120 | 2 / 1 | +3 |"

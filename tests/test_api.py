@@ -85,6 +85,9 @@ def test_bad_experiment_raises_the_cli_message(cli, tmp_path):
         tuning.search("nosuch", storage=str(tmp_path / "runs"))
     with pytest.raises(tuning.UsageError, match="unknown option 'sampels'"):
         tuning.search("hymenoptera", sampels=3)
+    with pytest.raises(tuning.UsageError, match="--name '../x' must be one folder name"):  # not a run beside storage
+        tuning.search("hymenoptera", storage=str(tmp_path / "runs"), name="../x")
+    assert not (tmp_path / "x").exists()
     out = cli("tuning.run", "nosuch", "--storage", str(tmp_path / "runs"))  # the command says the same line
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == f"tuning.run: error: {raised.value}"
     assert not (tmp_path / "runs").exists()

@@ -36,6 +36,7 @@ def data_root(tmp_path_factory):
     (["hymenoptera", "--memory-gb", "8", "--address", "auto"], "--memory-gb sizes a Ray started here"),
     (["hymenoptera", "--step-memory-gb", "-1"], "--step-memory-gb must not be negative, got -1"),
     (["hymenoptera", "--resume"], "nothing to resume"),
+    (["hymenoptera", "--name", "../elsewhere"], "--name '../elsewhere' must be one folder name under --storage"),
     (["hymenoptera", "--storage", "bogus://x/y"], "--storage bogus://x/y"),
     (["hymenoptera", "--time-budget", "soon"], "--time-budget 'soon' is not a duration; write it as 90s, 10m or 1h"),
     (["hymenoptera", "--time-budget", "10d"], "--time-budget '10d' is not a duration"),

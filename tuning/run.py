@@ -14,7 +14,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Callable  # noqa: E402
 
-from tuning.app.location import RunLocation, is_uri  # noqa: E402
+from tuning.app.location import RunLocation, check_name, is_uri  # noqa: E402
 from tuning.lib.data.sources import check_folder  # noqa: E402
 from tuning.lib.errors import exit_on_usage_error  # noqa: E402
 
@@ -68,6 +68,8 @@ def main(
     if not args.list:
         with exit_on_usage_error("tuning.run"):
             check_folder(args.experiment or "")  # a mistyped folder:PATH is answered before the imports
+            if args.name is not None:
+                check_name(args.name)
             if is_uri(args.storage or ""):
                 RunLocation(args.storage, args.name or "_").check_writable()  # search() checks again, cheaply
     from experiments import EXPERIMENTS

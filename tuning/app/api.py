@@ -23,7 +23,7 @@ from tuning.app import final_model, probing, results
 from tuning.app.budget import Budget, parse_duration
 from tuning.app.console import LOG_FILE, quiet
 from tuning.app.export import Best, export, find_best, score_on_test
-from tuning.app.location import RunLocation
+from tuning.app.location import RunLocation, check_name
 from tuning.app.predictor import Predictor, load
 from tuning.app.rundir import (
     SPEC_FILE,
@@ -151,6 +151,8 @@ def configure(spec: str | Experiment | None, options: SearchOptions) -> tuple[Ex
     for flag in ("samples", "epochs"):
         if getattr(experiment, flag) <= 0:
             raise UsageError(f"--{flag} must be a positive integer, got {getattr(experiment, flag)}")
+    if options.name is not None:
+        check_name(options.name)
     if options.max_failures < 0:
         raise UsageError("--max-failures must not be negative")
     if options.feature_cache_gb < 0:

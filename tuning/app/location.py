@@ -40,6 +40,14 @@ def join(uri: str, *names: str) -> str:
     return "/".join([base.rstrip("/"), *(n.strip("/") for n in names)]) + query
 
 
+def check_name(name: str) -> None:
+    """A run dir's name is one folder under --storage: a `/` or `..` would put the run, and the
+    next run's `exists` check, somewhere else; a `?` would end a URI's path."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\?\0"):
+        raise UsageError(f"--name {name!r} must be one folder name under --storage (no '/', '\\', '?', "
+                         "and not '.' or '..')")
+
+
 def parse_run_dir(run_dir: str) -> "RunLocation":
     """A run dir as the user names it (`runs/NAME`, `s3://bucket/runs/NAME?region=r`)."""
     if is_uri(run_dir):

@@ -40,3 +40,19 @@ def test_bad_paths(cli, finished_export, tiny_root, tmp_path, case, message):
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"tuning.predict: error: {message.format(tmp=tmp_path)}"), out.stderr
+
+
+def test_an_unreadable_file_among_images_costs_only_its_row(cli, finished_export, tiny_root, tmp_path):
+    """One warning names it; the other images are labelled as without it, in the CSV too."""
+    files = image_files([tiny_root / "tiny" / "val"])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    alone = cli("tuning.predict", str(finished_export), *map(str, files))
+    out = cli("tuning.predict", str(finished_export), str(broken), *map(str, files), "--csv", str(tmp_path / "p.csv"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == alone.stdout and len(out.stdout.splitlines()) == len(files)
+    assert f"warning: skipped 1 unreadable image(s): {broken}" in out.stderr
+    assert str(broken) not in (tmp_path / "p.csv").read_text()
+    only = cli("tuning.predict", str(finished_export), str(broken), str(broken))
+    assert only.returncode == 2 and only.stderr.strip().splitlines() == [
+        f"tuning.predict: error: none of the 2 images is readable ({broken}, ...)"]

@@ -1,7 +1,8 @@
 """`python -m tuning.predict EXPORT_DIR PATH...`: label images with an exported model.
 
 PATHs are image files or folders (their images, recursively). Prints one line per image: path,
-label, probability (tab-separated); `--csv FILE` also writes them as CSV (path,label,probability)."""
+label, probability (tab-separated); `--csv FILE` also writes them as CSV (path,label,probability).
+A file that is not a readable image is left out and named in one warning on stderr."""
 from __future__ import annotations
 
 import argparse
@@ -10,18 +11,27 @@ import io
 import sys
 from pathlib import Path
 
-from tuning.app.predictor import image_files, load
+from tuning.app.predictor import image_files, load, readable, warn_skipped
 from tuning.app.location import fetch_export
 from tuning.lib.errors import UsageError, exit_on_usage_error
 from tuning.lib.files import write_atomic
 
 
 def predict(export_dir: Path, paths: list[Path], batch_size: int = 32) -> list[tuple[str, str, float]]:
+    """One row per readable image; unreadable ones are named in one warning, as tuning.evaluate
+    does, so that one bad file among thousands costs only its own row."""
     predictor = load(export_dir)  # a wrong export is the first thing to say
     images = image_files(paths)
     predictor.batch_size = batch_size
-    rows = predictor.predict(images)
-    return [(str(path), label, prob) for path, (label, prob) in zip(images, rows)]
+    kept: list[int] = []
+    skipped: list[Path] = []
+    probs = predictor.probabilities(readable(predictor.read, images, kept, skipped))
+    if not kept:
+        raise UsageError(f"{skipped[0]} is not a readable image" if len(skipped) == 1
+                         else f"none of the {len(skipped)} images is readable ({skipped[0]}, ...)")
+    warn_skipped(skipped)
+    classes = predictor.classes
+    return [(str(images[i]), classes[int(row.argmax())], float(row.max())) for i, row in zip(kept, probs)]
 
 
 def write_csv(path: Path, rows: list[tuple[str, str, float]]) -> None:

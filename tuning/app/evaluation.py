@@ -16,9 +16,9 @@ from sklearn.metrics import accuracy_score, classification_report
 
 from experiments import get_experiment
 from experiments.base import Experiment
-from tuning.app.predictor import Predictor
+from tuning.app.predictor import Predictor, readable, warn_skipped
 from tuning.app.rundir import SPEC_FILE, load_spec
-from tuning.lib.data.decode import DECODE_ERRORS, decode, prepare
+from tuning.lib.data.decode import decode, prepare
 from tuning.lib.data.fetch import resolve_data_root
 from tuning.lib.data.listing import scan_split
 from tuning.lib.data.sources import create_source
@@ -64,20 +64,8 @@ def score(predictor: Predictor, images: Labelled) -> Scored:
     """Unreadable images are skipped with one warning, as a search skips them."""
     kept: list[int] = []
     skipped: list[str] = []
-
-    def arrays():
-        for i, ref in enumerate(images.refs):
-            try:
-                array = images.read(ref)
-            except DECODE_ERRORS:
-                skipped.append(ref)
-                continue
-            kept.append(i)
-            yield array
-
-    probs = predictor.probabilities(arrays())
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable image(s): {', '.join(skipped)}", file=sys.stderr)
+    probs = predictor.probabilities(readable(images.read, images.refs, kept, skipped))
+    warn_skipped(skipped)
     if not kept:
         raise UsageError(f"{images.source} holds no readable image")
     scored = Labelled([images.refs[i] for i in kept], images.labels[kept], images.read, images.source, images.tag)

@@ -1,15 +1,16 @@
 """A predictor made from an export alone: the network, its classes and validation's preprocessing."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from tuning.app.export import load_exported
-from tuning.lib.data.decode import UndecodableImage, decode
+from tuning.lib.data.decode import DECODE_ERRORS, UndecodableImage, decode
 from tuning.lib.data.listing import IMAGE_SUFFIXES
 from tuning.lib.data.transforms import Normalize, center_crop
 from tuning.lib.errors import UsageError
@@ -27,10 +28,14 @@ class Predictor:
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
 
+    def read(self, path: str | Path) -> np.ndarray:
+        """uint8 HWC at the export's decode size, as validation images were decoded; raises
+        UndecodableImage."""
+        return decode(path, self.meta["resize"], self.meta.get("image_mode", "RGB"))
+
     def decode(self, path: str | Path) -> np.ndarray:
-        """uint8 HWC at the export's decode size, as validation images were decoded."""
         try:
-            return decode(path, self.meta["resize"], self.meta.get("image_mode", "RGB"))
+            return self.read(path)
         except UndecodableImage:
             raise UsageError(f"{path} is not a readable image") from None
 
@@ -59,6 +64,28 @@ def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
+
+
+Item = TypeVar("Item")
+
+
+def readable(read: Callable[[Item], np.ndarray], items: Sequence[Item], kept: list[int],
+             skipped: list[Item]) -> Iterator[np.ndarray]:
+    """The decoded images of `items` in order, without those that cannot be decoded (a search
+    skips them too): `kept` collects the indices of the images yielded, `skipped` the others."""
+    for i, item in enumerate(items):
+        try:
+            array = read(item)
+        except DECODE_ERRORS:
+            skipped.append(item)
+            continue
+        kept.append(i)
+        yield array
+
+
+def warn_skipped(skipped: Sequence[Any]) -> None:
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable image(s): {', '.join(map(str, skipped))}", file=sys.stderr)
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:

@@ -1,5 +1,5 @@
-"""TensorBoard keeps every trial that reported, however the search ended: a time budget and a
-Ctrl-C stop running trials without Ray's `log_trial_end`, the only place a writer used to be closed."""
+"""TensorBoard keeps every trial that reported, however the search ended: a time budget, Ctrl-C
+and SIGTERM stop running trials without Ray's `log_trial_end`, the only place a writer used to be closed."""
 from __future__ import annotations
 
 import json
@@ -66,7 +66,10 @@ def test_a_time_budget_keeps_the_curves_of_trials_it_stopped(cli, tiny_root, tin
         assert_board_holds(d)
 
 
-def test_ctrl_c_keeps_the_curves_of_running_trials(tmp_path):
+@pytest.mark.parametrize("sig, said", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_or_sigterm_keeps_the_curves_of_running_trials(tmp_path, sig, said):
+    """SIGTERM (docker stop, Kubernetes) as Ctrl-C: the trials stop, the best so far is exported,
+    the summary says why; it was Ray's stack dump and exit 134."""
     root = make_image_folder(tmp_path / "data" / "hymenoptera_data", {"train": 8, "val": 6}).parent
     log = tmp_path / "console.txt"
     with log.open("w") as console:
@@ -82,8 +85,12 @@ def test_ctrl_c_keeps_the_curves_of_running_trials(tmp_path):
             driver.wait()
             pytest.fail(f"no running trial reported before the search ended: {log.read_text()[-3000:]}")
         time.sleep(0.5)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(sig)
     driver.wait(timeout=300)
+    console = log.read_text()
+    assert driver.returncode == 0, console[-3000:]
+    assert f"ended by {said}: " in console and "--resume continues the search" in console, console[-3000:]
+    assert (run_dir / "best" / "model.json").is_file() and "SIGTERM received" not in console
     dirs = reported(run_dir)
     assert running <= set(dirs), log.read_text()[-3000:]
     for d in dirs:

@@ -82,8 +82,13 @@ def main(
         print("backbones:  ", ", ".join(BACKBONES.names() + BACKBONES.families()))
         return
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchOptions)}
-    with exit_on_usage_error("tuning.run"):
-        result = search(args.experiment, trainable=trainable, started=started, **options)
+    try:
+        with exit_on_usage_error("tuning.run"):
+            result = search(args.experiment, trainable=trainable, started=started, **options)
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM, or one outside the trials (tuning.app.interrupts)
+        print("tuning.run: interrupted; what was saved stays, and --resume continues a search that had started",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     print_summary(result)
 
 

@@ -23,6 +23,7 @@ from tuning.app import final_model, probing, results
 from tuning.app.budget import Budget, parse_duration
 from tuning.app.console import LOG_FILE, quiet
 from tuning.app.export import Best, export, find_best, score_on_test
+from tuning.app.interrupts import stop_signals
 from tuning.app.location import RunLocation, check_name
 from tuning.app.predictor import Predictor, load
 from tuning.app.rundir import (
@@ -114,7 +115,7 @@ class SearchResult:
     trials: int
     errors: list[tuple[str, str]] = field(default_factory=list)  # (trial id, last line of its error)
     wall_s: float = 0.0
-    ended_by: str | None = None  # why the search ended before --samples trials ran (the time budget)
+    ended_by: str | None = None  # why the search ended before --samples trials ran (the time budget, Ctrl-C)
     log_file: str | None = None  # what Ray and Optuna said (the console shows only our lines)
     final_model: str = ""  # one line: what was exported (a trial, a soup or an ensemble) and its val scores
     test_nll: float | None = None
@@ -260,46 +261,49 @@ def search(
                 start_ray(options.address, options.dashboard, options.verbose, placement.memory_gb)
             finally:
                 ready = preparing.result()
-        check_resources(placement)
-        handle, data, weights, probe = ready.handle, ready.data, ready.weights, ready.probe
-        with run_dir_writes(location, searched=False):
-            if not options.resume:
-                save_spec(location.local, experiment, data.classes)
-                location.push(SPEC_FILE)
-            probing.save(probe, ready.probe_model, location.local)
-            location.push(probing.PROBE_FILE, probing.PROBE_DIR)
-        # saved: the driver keeps no network through the search, and hands the probe's heap back
-        ready.probe_model = None
-        release_memory()
-        wrapped = make_trainable(experiment, placement, handle, weights, trainable or finetune, probing.head_of(probe))
-        if options.resume:
-            prune_unknown_trials(location)
-            tuner = restore_tuner(location.uri, wrapped)
-        else:
-            tuner = build_tuner(experiment, placement, wrapped, Steering(budget, warm, console))
-        grid = tuner.fit()
-        flush_deletions()  # the checkpoints Ray let go, kept until a trial list without them was stored
-        # the probe is a result too: a budget that ends before any trial's first epoch still exports it
-        floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))
-        best = find_best(grid, floor)
-        final = choose_final(grid, probe, data, experiment, location.local, options.final)
-        test = data.splits.get("test")
-        with run_dir_writes(location, searched=True):
-            exporting = time.perf_counter()
-            export_dir = export(final, experiment, data.classes, location.local)
-            export_s = time.perf_counter() - exporting
-            final_model.save_record(final, final.candidates, location.local)
-            tested = score_on_test(export_dir, test) if test is not None else {}
-            lead = final.lead
-            images_dir = probing.PROBE_DIR if lead.is_probe else f"trial_{lead.trial_id}"
-            write_export_images(location.local / images_dir, export_dir, data.splits["val"])
-            location.push("best", images_dir, final_model.FINAL_FILE)
-            table = results.write(location)
+        with stop_signals() as signals:  # Ctrl-C and SIGTERM: the trials stop, the best so far is exported
+            check_resources(placement)
+            handle, data, weights, probe = ready.handle, ready.data, ready.weights, ready.probe
+            with run_dir_writes(location, searched=False):
+                if not options.resume:
+                    save_spec(location.local, experiment, data.classes)
+                    location.push(SPEC_FILE)
+                probing.save(probe, ready.probe_model, location.local)
+                location.push(probing.PROBE_FILE, probing.PROBE_DIR)
+            # saved: the driver keeps no network through the search, and hands the probe's heap back
+            ready.probe_model = None
+            release_memory()
+            wrapped = make_trainable(experiment, placement, handle, weights, trainable or finetune, probing.head_of(probe))
+            if options.resume:
+                prune_unknown_trials(location)
+                tuner = restore_tuner(location.uri, wrapped)
+            else:
+                tuner = build_tuner(experiment, placement, wrapped, Steering(budget, warm, console))
+            with signals.fit():
+                grid = tuner.fit()
+            flush_deletions()  # the checkpoints Ray let go, kept until a trial list without them was stored
+            # the probe is a result too: a budget that ends before any trial's first epoch still exports it
+            floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))
+            best = find_best(grid, floor)
+            final = choose_final(grid, probe, data, experiment, location.local, options.final)
+            test = data.splits.get("test")
+            with run_dir_writes(location, searched=True):
+                exporting = time.perf_counter()
+                export_dir = export(final, experiment, data.classes, location.local)
+                export_s = time.perf_counter() - exporting
+                final_model.save_record(final, final.candidates, location.local)
+                tested = score_on_test(export_dir, test) if test is not None else {}
+                lead = final.lead
+                images_dir = probing.PROBE_DIR if lead.is_probe else f"trial_{lead.trial_id}"
+                write_export_images(location.local / images_dir, export_dir, data.splits["val"])
+                location.push("best", images_dir, final_model.FINAL_FILE)
+                table = results.write(location)
     del ready  # the probe's network and the driver's decoded views: a notebook runs search again
     release_memory()
-    ended_by = None
     if budget is not None and budget.ended(len(grid), experiment.samples):
         ended_by = f"the time budget ({options.time_budget}): {len(grid)} of {experiment.samples} trials started"
+    else:
+        ended_by = signals.stopped_by(len(grid), experiment.samples)
     errors = [(r.path.rsplit("_", 1)[-1], str(r.error).strip().splitlines()[-1][:200]) for r in grid if r.error is not None]
     return SearchResult(
         best_config=dict(best.config), best_val_acc=float(best.metrics["val_acc"]), best_epoch=results.epoch_number(best.metrics["epoch"]),

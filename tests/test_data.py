@@ -110,3 +110,18 @@ def test_predict_preprocessing_is_validation_preprocessing(tmp_path):
     batch = norm(eval_batch(val.images, 32))
     for i, path in enumerate(val.paths):
         assert torch.equal(eval_tensor(path, 32, norm)[0], batch[i])
+
+
+@pytest.mark.parametrize("mode, channels", [("RGB", 3), ("L", 1)])
+def test_a_16_bit_grayscale_png_keeps_its_levels(tmp_path, mode, channels):
+    """Pillow's own conversion clips 16-bit values at 255: a mid-grey scan became white."""
+    from PIL import Image
+
+    from tuning.lib.data.decode import decode
+
+    levels = np.repeat(np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16), 8, axis=0).repeat(8, axis=1)
+    Image.fromarray(levels).save(tmp_path / "scan.png")
+    assert Image.open(tmp_path / "scan.png").mode == "I;16"
+    pixels = decode(tmp_path / "scan.png", 8, mode)
+    assert pixels.shape == (8, 32, channels)
+    assert [int(pixels[4, x, 0]) for x in (2, 10, 18, 26)] == [0, 64, 128, 255]

@@ -24,12 +24,24 @@ class UndecodableImage(Exception):
 DECODE_ERRORS = (UndecodableImage, UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # how Pillow opens 16-bit grayscale PNGs and TIFFs
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit, 65535 -> 255: Pillow's own conversion clips at 255, which
+    turns such an image (microscopy, scans, depth maps) all but white."""
+    if img.mode not in SIXTEEN_BIT:
+        return img
+    return Image.fromarray(np.round(np.asarray(img, dtype=np.float32) / 257.0).astype(np.uint8), "L")
+
+
 def prepare(opened: Image.Image, resize: int, mode: str = "RGB", name: str = "") -> np.ndarray:
-    """uint8 HWC (C = 3 for "RGB", 1 for "L"), shorter side `resize`. GIFs, palettes and alpha
-    become plain RGB. Takes the image as opened (lazily) so decoding errors surface here."""
+    """uint8 HWC (C = 3 for "RGB", 1 for "L"), shorter side `resize`. GIFs, palettes, alpha and
+    16-bit grayscale become plain 8-bit. Takes the image as opened (lazily) so decoding errors
+    surface here."""
     try:
         with opened as img:
-            img = img.convert(mode)
+            img = eight_bit(img).convert(mode)
     except DECODE_ERRORS as err:
         raise UndecodableImage(f"{name}: {err}") from err
     w, h = img.size

@@ -125,3 +125,24 @@ def test_a_16_bit_grayscale_png_keeps_its_levels(tmp_path, mode, channels):
     pixels = decode(tmp_path / "scan.png", 8, mode)
     assert pixels.shape == (8, 32, channels)
     assert [int(pixels[4, x, 0]) for x in (2, 10, 18, 26)] == [0, 64, 128, 255]
+
+
+def test_a_phone_photo_is_decoded_upright(tmp_path):
+    """Phones store a portrait photo sideways with an EXIF Orientation tag; the user labelled it
+    as a viewer shows it. Stored: left half black, right half white; tag 6 shows it turned 90
+    degrees clockwise, so the black half is on top."""
+    from PIL import Image
+
+    from tuning.lib.data.decode import ORIENTATION, decode
+
+    stored = np.zeros((40, 80, 3), dtype=np.uint8)
+    stored[:, 40:] = 255
+    photo = Image.fromarray(stored)
+    exif = photo.getexif()
+    exif[ORIENTATION] = 6
+    photo.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    pixels = decode(tmp_path / "portrait.jpg", 40)
+    assert pixels.shape == (80, 40, 3)
+    assert pixels[10].mean() < 20 and pixels[70].mean() > 235
+    photo.save(tmp_path / "plain.jpg", quality=95)
+    assert decode(tmp_path / "plain.jpg", 40).shape == (40, 80, 3)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tuning.lib.data.listing import Item, Listing
 from tuning.lib.errors import UsageError, warn
@@ -35,13 +35,28 @@ def eight_bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(np.asarray(img, dtype=np.float32) / 257.0).astype(np.uint8), "L")
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """As a photo viewer shows it: phones store a portrait photo sideways with an EXIF Orientation
+    tag, and the user labels what the viewer showed. A tag that cannot be read leaves the pixels
+    as stored, never the image unread."""
+    try:
+        if img.getexif().get(ORIENTATION, 1) == 1:
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - EXIF parsing fails in many ways; the pixels are still good
+        return img
+
+
 def prepare(opened: Image.Image, resize: int, mode: str = "RGB", name: str = "") -> np.ndarray:
     """uint8 HWC (C = 3 for "RGB", 1 for "L"), shorter side `resize`. GIFs, palettes, alpha and
-    16-bit grayscale become plain 8-bit. Takes the image as opened (lazily) so decoding errors
-    surface here."""
+    16-bit grayscale become plain 8-bit, turned upright as its EXIF says. Takes the image as opened
+    (lazily) so decoding errors surface here."""
     try:
         with opened as img:
-            img = eight_bit(img).convert(mode)
+            img = upright(eight_bit(img)).convert(mode)
     except DECODE_ERRORS as err:
         raise UndecodableImage(f"{name}: {err}") from err
     w, h = img.size

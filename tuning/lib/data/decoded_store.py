@@ -27,7 +27,7 @@ from tuning.lib.data.decode import Dataset, Split, decode_listing
 from tuning.lib.data.listing import Listing
 from tuning.lib.files import cache_root, damage, file_digest, seal, unseal, write_atomic
 
-FORMAT = "tuning-store-2"  # bump when the decoding or the layout changes (2: 16-bit grayscale scaled, not clipped)
+FORMAT = "tuning-store-2"  # bump when the decoding or the layout changes (2: 16-bit grayscale scaled, EXIF orientation applied)
 
 
 def store_key(listing: Listing, resize: int, mode: str) -> str:

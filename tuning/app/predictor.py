@@ -34,6 +34,7 @@ class Predictor:
         return decode(path, self.meta["resize"], self.meta.get("image_mode", "RGB"))
 
     def decode(self, path: str | Path) -> np.ndarray:
+        """As `read`; a file that is no image is the user's to fix (UsageError)."""
         try:
             return self.read(path)
         except UndecodableImage:

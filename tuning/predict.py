@@ -30,8 +30,7 @@ def predict(export_dir: Path, paths: list[Path], batch_size: int = 32) -> list[t
         raise UsageError(f"{skipped[0]} is not a readable image" if len(skipped) == 1
                          else f"none of the {len(skipped)} images is readable ({skipped[0]}, ...)")
     warn_skipped(skipped)
-    classes = predictor.classes
-    return [(str(images[i]), classes[int(row.argmax())], float(row.max())) for i, row in zip(kept, probs)]
+    return [(str(images[i]), label, prob) for i, (label, prob) in zip(kept, predictor.labels(probs))]
 
 
 def write_csv(path: Path, rows: list[tuple[str, str, float]]) -> None:

@@ -24,7 +24,7 @@ class StopSignals:
         self.fitting = False  # inside Tuner.fit: Ray Tune's SIGUSR1 handler is the live one
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received.append(NAMES.get(signal.Signals(signum), signal.Signals(signum).name))
+        self.received.append(NAMES[signal.Signals(signum)])
         ray_stop = signal.getsignal(signal.SIGUSR1)
         if self.fitting and len(self.received) == 1 and callable(ray_stop):
             ray_stop(signal.SIGUSR1, frame)

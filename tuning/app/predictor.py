@@ -52,7 +52,10 @@ class Predictor:
 
     def predict(self, paths: Iterable[str | Path]) -> list[tuple[str, float]]:
         """(label, probability) per image file, preprocessed as validation images were."""
-        probs = self.probabilities(self.decode(p) for p in paths)
+        return self.labels(self.probabilities(self.decode(p) for p in paths))
+
+    def labels(self, probs: np.ndarray) -> list[tuple[str, float]]:
+        """(label, probability) of each row's most probable class."""
         return [(self.classes[int(i)], float(row[i])) for row, i in zip(probs, probs.argmax(1))]
 
 

@@ -2,7 +2,10 @@
 
 For every dataset and seed, one search (`tuning.search`, its default export) runs on a split with
 a test part that no choice reads, then every arm is scored on that test part:
-- probe: the linear probe as it is (temperature 1);
+- probe: the plain linear probe (tuning.lib.probe on centre crops of the pretrained network's pooled
+  features, temperature 1), as a user fits it by hand and as every table here has it;
+- probe_mirror: the search's own probe, fitted on the mirror images too and averaged over each test
+  image and its mirror (an experiment that flips training views, `Experiment.hflip`), temperature 1;
 - best_acc: the rule before calibration, best val_acc then lower val_loss (temperature 1);
 - select, soup, ensemble: tuning.app.final_model's methods on the same candidates, calibrated;
 - default: what the search exported (model.json's test metrics, scored by the search itself);
@@ -38,7 +41,7 @@ import numpy as np
 
 from benchmarks.search import HERE, commit, versions
 
-ARMS = ("probe", "best_acc", "select", "soup", "ensemble", "default", "tutorial")
+ARMS = ("probe", "probe_mirror", "best_acc", "select", "soup", "ensemble", "default", "tutorial")
 
 
 def stratified(labels: list[int], fractions: tuple[float, ...], seed: int) -> list[int]:
@@ -118,6 +121,27 @@ def arm_log_p(final, test_logits: Callable[[Any], np.ndarray]) -> np.ndarray:
                       for c, _ in final.members], [w for _, w in final.members])
 
 
+def plain_probe(probe, meta: dict[str, Any], experiment, data, test_x, forward: Callable) -> np.ndarray:
+    """Test logits of the plain linear probe: fitted on the centre crops' pooled features of the
+    pretrained network (the search's probe checkpoint holds it), L2 chosen on val, no mirrors."""
+    import torch
+
+    from tuning.app.export import member_net
+    from tuning.lib.backbones import BACKBONES
+    from tuning.lib.checkpoint import load_state
+    from tuning.lib.data.transforms import Normalize, eval_batch
+    from tuning.lib.probe import fit_probe
+
+    net = member_net(meta, probe.freeze_depth, load_state(probe.checkpoint_path)["model"])
+    pooled = lambda images: torch.from_numpy(forward(net.frozen_features, images))  # noqa: E731
+    spec = BACKBONES.get(experiment.backbone)
+    norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
+    crops = {k: norm(eval_batch(data.splits[k].images, experiment.image_size)) for k in ("train", "val")}
+    labels = {k: torch.as_tensor(data.splits[k].labels) for k in crops}
+    fitted = fit_probe(pooled(crops["train"]), labels["train"], pooled(crops["val"]), labels["val"], len(data.classes))
+    return (pooled(test_x) @ fitted.weight.T + fitted.bias).numpy()
+
+
 def test_scores(run_dir: Path, experiment, data, logits_out: Path | None = None) -> dict[str, dict[str, Any]]:
     """Every arm made from the search's candidates, scored on the test split. With `logits_out`,
     every candidate's val and test logits go to that .npz: a later combination rule can then be
@@ -140,30 +164,37 @@ def test_scores(run_dir: Path, experiment, data, logits_out: Path | None = None)
     spec = BACKBONES.get(experiment.backbone)
     norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
     x = norm(eval_batch(test.images, experiment.image_size))
-    logits: dict[str, np.ndarray] = {}
+    logits: dict[tuple[str, bool], np.ndarray] = {}
 
-    def test_logits(path: str, depth: int, state=None) -> np.ndarray:
-        if path not in logits or state is not None:
+    def forward(net, images: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([net(images[i : i + 16]).float() for i in range(0, len(images), 16)]).numpy()
+
+    def test_logits(path: str, depth: int, state=None, mirror: bool = False) -> np.ndarray:
+        """A candidate's test logits; `mirror`: averaged with its mirror images' (as its val logits are)."""
+        if (path, mirror) not in logits or state is not None:
             from tuning.lib.checkpoint import load_state
 
             net = member_net(meta, depth, state if state is not None else load_state(path)["model"])
-            with torch.no_grad():
-                out = torch.cat([net(x[i : i + 16]).float() for i in range(0, len(x), 16)]).numpy()
+            out = (forward(net, x) + forward(net, x.flip(-1))) / 2 if mirror else forward(net, x)
             if state is not None:
                 return out
-            logits[path] = out
-        return logits[path]
+            logits[(path, mirror)] = out
+        return logits[(path, mirror)]
 
     arms: dict[str, dict[str, Any]] = {}
     candidates = F.candidates_of(record)
     probe = next(c for c in candidates if c.is_probe)
-    arms["probe"] = {"what": "probe", **C.scores(C.log_probs(test_logits(probe.checkpoint_path, probe.freeze_depth)), labels)}
+    arms["probe"] = {"what": "plain probe", **C.scores(C.log_probs(plain_probe(probe, meta, experiment, data, x, forward)), labels)}
+    if probe.mirrored:
+        arms["probe_mirror"] = {"what": "probe", **C.scores(C.log_probs(
+            test_logits(probe.checkpoint_path, probe.freeze_depth, mirror=True)), labels)}
     for method in ("best_acc", "select", "ensemble", "soup"):
         final = F.choose(candidates, labels_val, method, soup_data(experiment, data) if method == "soup" else None)
         if final.soup_state is not None and len(final.members) > 1:
             log_p = C.log_probs(test_logits("soup", 0, final.soup_state), final.soup_temperature)
         else:
-            log_p = arm_log_p(final, lambda c: test_logits(c.checkpoint_path, c.freeze_depth))
+            log_p = arm_log_p(final, lambda c: test_logits(c.checkpoint_path, c.freeze_depth, mirror=c.mirrored))
         arms[method] = {"what": final.describe(), "combine_s": round(final.seconds, 2), **C.scores(log_p, labels)}
     m = meta["metrics"]
     arms["default"] = {"what": meta["final"]["kind"], "acc": m["test_acc"], "nll": m["test_nll"], "ece": m["test_ece"]}
@@ -173,7 +204,7 @@ def test_scores(run_dir: Path, experiment, data, logits_out: Path | None = None)
         np.savez_compressed(
             logits_out, names=np.array([c.name for c in candidates]), labels_val=labels_val, labels_test=labels,
             val=np.stack([c.val_logits for c in candidates]).astype(np.float32),
-            test=np.stack([test_logits(c.checkpoint_path, c.freeze_depth) for c in candidates]).astype(np.float32),
+            test=np.stack([test_logits(c.checkpoint_path, c.freeze_depth, mirror=c.mirrored) for c in candidates]).astype(np.float32),
             freeze_depth=np.array([c.freeze_depth for c in candidates]), is_probe=np.array([c.is_probe for c in candidates]),
             val_acc=np.array([c.metrics[M.VAL_ACC] for c in candidates]), epoch=np.array([c.metrics[M.EPOCH] for c in candidates]),
             val_loss=np.array([c.metrics[M.VAL_LOSS] for c in candidates]))
@@ -231,7 +262,9 @@ def ours(name: str, folder: Path, samples: int, epochs: int, seed: int, work: Pa
     _, data = load_data(experiment, None, open("/dev/null", "w"))
     arms = test_scores(Path(result["run_dir"]), experiment, data, logits_out)
     record = json.loads((Path(result["run_dir"]) / "probe.json").read_text())
-    arms["probe"]["wall_s"] = round(record["timestamp"] - started, 1)
+    for arm in ("probe", "probe_mirror"):  # both known when the search's probe is
+        if arm in arms:
+            arms[arm]["wall_s"] = round(record["timestamp"] - started, 1)
     combine = {k: v.get("combine_s", 0.0) for k, v in arms.items() if isinstance(v, dict)}
     for arm in ("best_acc", "select", "ensemble", "soup"):
         arms[arm]["wall_s"] = round(wall - combine["ensemble"] + combine[arm], 1)

@@ -22,6 +22,8 @@ class Experiment:
     image_mode: str = "RGB"  # "L": one-channel data (MNIST); the first convolution is adapted
     gray_input: str = "sum"  # for "L": "sum" the RGB kernels into one, or "repeat" gray 3x (tuning.lib.model)
     # Training views, as the seeds' RandomResizedCrop + RandomHorizontalFlip; digits must not flip.
+    # With hflip the probe also fits the mirror images, and the final model averages each image
+    # with its mirror (tuning.app.final_model.mirror).
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
     # Distinct training views (crop + flip) per image: epoch e trains on view e mod train_views

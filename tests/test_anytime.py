@@ -36,19 +36,41 @@ def lite0_weights() -> Path:
     return BACKBONES.get(LITE0).default_weights()
 
 
-def test_the_probe_is_a_fit_on_the_shared_cached_features(tiny_root, tiny_experiment):
-    handle, data = load_data(tiny_experiment, str(tiny_root))
-    cache = feature_cache(tiny_experiment, Placement(), handle, lite0_weights())
-    result, model = probing.fit(tiny_experiment, data, lite0_weights(), cache)
+@pytest.mark.parametrize("hflip", [False, True], ids=["no-flip", "flip"])
+def test_the_probe_is_a_fit_on_the_shared_cached_features(tiny_root, tiny_experiment, hflip):
+    """Its features are the cached ones trials share. An experiment that trains on mirrored views
+    fits the probe on the mirror images too and scores it on val mirror-averaged, as the final
+    model predicts."""
+    experiment = dataclasses.replace(tiny_experiment, hflip=hflip)
+    handle, data = load_data(experiment, str(tiny_root))
+    cache = feature_cache(experiment, Placement(), handle, lite0_weights())
+    result, model = probing.fit(experiment, data, lite0_weights(), cache)
     depth = BACKBONES.get(LITE0).num_stages
-    entries = {v: cache.entry(depth, v) for v in ("train-centre", "val")}
+    views = ("train-centre", "val") + (("train-centre-mirror", "val-mirror") if hflip else ())
+    entries = {v: cache.entry(depth, v) for v in views}
     assert all(p.is_file() for p in entries.values()), entries  # shared with trials at full freeze
     x = {v: torch.from_numpy(np.load(p)) for v, p in entries.items()}
-    y = {"train-centre": torch.as_tensor(data.splits["train"].labels), "val": torch.as_tensor(data.splits["val"].labels)}
-    again = fit_probe(x["train-centre"], y["train-centre"], x["val"], y["val"], len(data.classes))
+    train_y, val_y = torch.as_tensor(data.splits["train"].labels), torch.as_tensor(data.splits["val"].labels)
+    plain = fit_probe(x["train-centre"], train_y, x["val"], val_y, len(data.classes))
+    if hflip:
+        again = fit_probe(torch.cat([x["train-centre"], x["train-centre-mirror"]]), torch.cat([train_y, train_y]),
+                          (x["val"] + x["val-mirror"]) / 2, val_y, len(data.classes))
+        assert not torch.allclose(again.weight, plain.weight, atol=1e-4)
+        with torch.no_grad():  # its val logits are what the network with its head gives, mirror-averaged
+            crops = model.eval()(x_val := _val_crops(experiment, data)), model(x_val.flip(-1))
+        assert np.allclose(result.val_logits, ((crops[0] + crops[1]) / 2).numpy(), atol=1e-4)
+    else:
+        again = plain
+    assert result.mirrored == hflip
     assert torch.equal(again.weight, result.probe.weight) and torch.equal(again.bias, result.probe.bias)
     assert torch.equal(model.head.weight, result.probe.weight)
     assert result.probe.val_acc == again.val_acc
+
+
+def _val_crops(experiment: Experiment, data) -> torch.Tensor:
+    from tuning.app.api import network_and_val
+
+    return network_and_val(experiment, data)[1]
 
 
 def test_the_probe_head_is_handed_to_the_trials_and_the_export_never_falls_below_it(ray_session, tmp_path, capsys):

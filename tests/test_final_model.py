@@ -214,6 +214,35 @@ def test_the_soup_recomputes_batchnorm_statistics(tmp_path):
     assert torch.equal(model.state_dict()[f"{frozen}.running_mean"], averaged[f"{frozen}.running_mean"])  # pretrained, kept
 
 
+def test_mirroring_averages_each_member_over_the_image_and_its_mirror(tmp_path):
+    """`mirror` gives each member the mean of its centre and mirrored val logits and fits its
+    temperature again; the probe's logits, mirror-averaged already, are kept; the candidates the
+    choice was made from stay as they were; the export then predicts so."""
+    torch.manual_seed(0)
+    x, labels = torch.randn(12, 3, 32, 32), np.arange(12) % 2
+    net = build_model("efficientnet_lite0", 2, None, freeze_depth=6)
+    net.load_state_dict(build_model("efficientnet_lite0", 2, None).state_dict())
+    (tmp_path / "t").mkdir()
+    torch.save({"model": net.state_dict()}, tmp_path / "t" / "state.pt")
+    with torch.no_grad():
+        centre, mirrored = net.eval()(x).numpy(), net(x.flip(-1)).numpy()
+    trial = F.Candidate("t", {}, {"val_acc": 0.5, "val_loss": 0.7, "epoch": 1}, str(tmp_path / "t"), centre, 6)
+    probe_logits = logits_for(labels, np.full(12, 1.0), classes=2)
+    probe = F.Candidate("probe", {}, {"val_acc": 1.0, "val_loss": 0.3, "epoch": 0}, str(tmp_path / "p"),
+                        probe_logits, 9, is_probe=True, mirrored=True)
+    final = F.Final("ensemble", "ensemble", [(probe, 0.75), (trial, 0.25)], {})
+    F.calibrate([probe, trial], labels)
+    F.mirror(final, labels, lambda: build_model("efficientnet_lite0", 2, None), x)
+    (p, wp), (t, wt) = final.members
+    assert final.mirror and (wp, wt) == (0.75, 0.25) and p.mirrored and t.mirrored
+    assert np.array_equal(p.val_logits, probe_logits)  # not mirrored twice
+    assert np.allclose(t.val_logits, (centre + mirrored) / 2, atol=1e-5) and not np.allclose(centre, mirrored, atol=1e-3)
+    assert t.temperature == pytest.approx(C.fit_temperature((centre + mirrored) / 2, labels), rel=1e-6)
+    assert np.array_equal(trial.val_logits, centre) and not trial.mirrored  # the candidate as chosen
+    assert final.val == F.ensemble_scores(final.members, labels)
+    assert "averaged with its mirror" in final.describe()
+
+
 @pytest.fixture(scope="module")
 def ensemble_run(finished_run, tmp_path_factory) -> Path:
     """A copy of the shared tiny run whose export is an ensemble of its probe and a trial,
@@ -260,7 +289,7 @@ def test_an_ensemble_export_round_trips(ensemble_run, tiny_root, cli, tmp_path):
     assert "final model: " in out.stdout
 
 
-def test_the_search_records_its_candidates_and_report_shows_them(finished_run, cli):
+def test_the_search_records_its_candidates_and_report_shows_them(finished_run, tiny_root, cli):
     record = F.load_record(finished_run)
     meta = json.loads((finished_run / "best" / "model.json").read_text())
     assert record["method"] == "ensemble" and record["candidates"][0]["trial_id"] == "probe"
@@ -273,6 +302,14 @@ def test_the_search_records_its_candidates_and_report_shows_them(finished_run, c
     assert "final model" in out.stdout and "calibrated val NLL" in out.stdout
     for c in record["candidates"][:3]:
         assert c["trial_id"] in out.stdout
+    # the tiny experiment flips its training views: the export averages each image with its mirror,
+    # and its recorded val scores are what the exported model gives on val
+    assert record["mirror"] and meta["final"]["mirror"] and "averaged with its mirror" in out.stdout
+    predictor = tuning.load(finished_run / "best")
+    val = sorted(p for p in (tiny_root / "tiny" / "val").rglob("*") if p.is_file())
+    labels = np.array([predictor.classes.index(p.parent.name) for p in val])
+    probs = predictor.probabilities(predictor.decode(p) for p in val)
+    assert -np.log(probs[np.arange(len(val)), labels]).mean() == pytest.approx(meta["metrics"]["val_loss"], abs=1e-3)
 
 
 def test_saved_logits_are_scored_again_per_arm(tmp_path):

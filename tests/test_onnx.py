@@ -96,10 +96,12 @@ def test_plain_state_dict_loads_into_the_library_network(tiny_export, images):
         assert torch.allclose((net(plain_input) / 1.7).log_softmax(1), predictor.model(x), atol=1e-4)
 
 
-def test_ensemble_onnx_equals_its_pytorch_output(tmp_path, images):
+@pytest.mark.parametrize("mirror", [False, True], ids=["centre", "mirror-averaged"])
+def test_ensemble_onnx_equals_its_pytorch_output(tmp_path, images, mirror):
     """Three members frozen at 0, 2 and 4 stages share the pretrained prefix; the ONNX graph of
     the ensemble gives the probabilities the PyTorch predictor gives, and what averaging the
-    members' tempered softmaxes gives."""
+    members' tempered softmaxes gives (each member's logits averaged over the crop and its mirror
+    first, with `mirror`)."""
     experiment = dataclasses.replace(EXPERIMENTS.get("hymenoptera"), image_size=40)
     torch.manual_seed(0)
     base = build_model("efficientnet_lite0", 3, None).state_dict()
@@ -113,15 +115,21 @@ def test_ensemble_onnx_equals_its_pytorch_output(tmp_path, images):
                     p.add_(torch.randn_like(p) * 0.05)
         nets.append((net.eval(), weight, t))
         members.append((candidate(tmp_path / f"m{i}", net, f"t{i}", temperature=t, classes=3), weight))
-    out = export(ensemble(members), experiment, ["a", "b", "c"], tmp_path / "run")
+    final = ensemble(members)
+    final.mirror = mirror
+    out = export(final, experiment, ["a", "b", "c"], tmp_path / "run")
     meta = json.loads((out / "model.json").read_text())
     assert meta["final"]["kind"] == "ensemble" and meta["plain"] is None and not (out / "model_plain.pt").exists()
+    assert meta["final"]["mirror"] is mirror
     predictor = tuning.load(out)
     decoded = [predictor.decode(p) for p in images]
     ours = predictor.probabilities(decoded)
     x = predictor.norm(predictor.crops(decoded))
     with torch.no_grad():
-        by_hand = sum(w * (net(x) / t).softmax(1) for net, w, t in nets).numpy()
+        logits = [(net(x) + net(x.flip(-1))) / 2 if mirror else net(x) for net, _, _ in nets]
+        by_hand = sum(w * (z / t).softmax(1) for z, (_, w, t) in zip(logits, nets)).numpy()
+        unmirrored = sum(w * (net(x) / t).softmax(1) for net, w, t in nets).numpy()
+    assert bool(np.abs(unmirrored - ours).max() > 1e-3) == mirror  # mirroring changes these networks' output
     graph = ort.InferenceSession(str(out / "model.onnx"))
     onnx_probs = graph.run(None, {"image": predictor.crops(decoded).numpy()})[0]
     assert np.abs(onnx_probs - ours).max() < 1e-4

@@ -54,13 +54,17 @@ class TrialInputs:
         return self._feed(f"train-e{view}", self.train_y,
                           lambda idx: self._input(self.views.batch(images, idx, view)))
 
-    def val(self) -> Feed:
-        return self._feed("val", self.val_y, lambda idx: self._input(self.val_x[list(idx)]))
+    def val(self, mirror: bool = False) -> Feed:
+        """Validation's centre crops, or with `mirror` their left-right mirror images."""
+        crops = self.val_x.flip(-1) if mirror else self.val_x
+        return self._feed("val-mirror" if mirror else "val", self.val_y, lambda idx: self._input(crops[list(idx)]))
 
-    def train_centre(self) -> Feed:
-        """Training images as validation sees them (centre crops): what the linear probe fits on."""
+    def train_centre(self, mirror: bool = False) -> Feed:
+        """Training images as validation sees them (centre crops), or mirrored: what the linear probe fits on."""
         crops = eval_batch(self.train_split.images, self.val_x.shape[-1])
-        return self._feed("train-centre", self.train_y, lambda idx: self._input(crops[list(idx)]))
+        crops = crops.flip(-1) if mirror else crops
+        return self._feed("train-centre-mirror" if mirror else "train-centre", self.train_y,
+                          lambda idx: self._input(crops[list(idx)]))
 
     @functools.cached_property
     def cacheable_depths(self) -> tuple[int, ...]:

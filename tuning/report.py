@@ -179,7 +179,9 @@ def format_final(record: dict | None) -> str:
     members = ", ".join(f"{m['trial_id']}@{m['epoch']} x{m['weight']:.2f}" for m in record["members"])
     val = record["val"]
     lines = [f"final model: {record['kind']} by {record['method']} ({members}): val_acc {val['acc']:.4f}, "
-             f"val NLL {val['nll']:.4f}, ECE {val['ece']:.4f} after calibration, chosen in {record['seconds']:.1f} s",
+             f"val NLL {val['nll']:.4f}, ECE {val['ece']:.4f} after calibration"
+             + (", each image averaged with its mirror" if record.get("mirror") else "")
+             + f", chosen in {record['seconds']:.1f} s",
              f"its {len(record['candidates'])} candidates (the probe and each trial's kept checkpoints):"]
     shown = pd.DataFrame(record["candidates"]).drop(columns=["checkpoint"], errors="ignore")
     shown = shown.sort_values("calibrated_val_nll", kind="stable")

@@ -16,6 +16,7 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 import pandas as pd
+import torch
 
 from experiments import Experiment, get_experiment
 from trainables.finetune import finetune, release_memory
@@ -58,7 +59,7 @@ from tuning.lib import metrics as M
 from tuning.lib.data.transforms import Normalize, eval_batch, resize_for
 from tuning.lib.errors import UsageError
 from tuning.lib import footprint
-from tuning.lib.model import build_model
+from tuning.lib.model import FineTuneNet, build_model
 
 # --smoke-test: the whole pipeline in about a minute on a 2-core CPU. Explicit options still win.
 SMOKE = {"samples": 2, "epochs": 2, "image_size": 64, "per_class": 8}
@@ -324,10 +325,25 @@ def choose_final(grid: Any, probe: probing.ProbeResult, data: Dataset, experimen
     soup = soup_data(experiment, data) if method == "soup" else None
     final = final_model.choose(candidates, labels, method, soup)
     final.candidates = candidates
+    if experiment.hflip:  # trained on mirrored views: the final model averages each image with its mirror
+        started = time.perf_counter()
+        build, val_x = (soup.build, soup.val_x) if soup is not None else network_and_val(experiment, data)
+        final_model.mirror(final, labels, build, val_x)
+        final.seconds += time.perf_counter() - started
     # measured once per machine and kept (tuning.lib.footprint): here a cache read
     need = footprint.measure(experiment.backbone, experiment.image_size, experiment.image_mode, experiment.gray_input)
     final.relative_cost = final_model.prediction_cost(final, need.stage_flops)
     return final
+
+
+def network_and_val(experiment: Experiment, data: Dataset) -> tuple[Callable[[], FineTuneNet], torch.Tensor]:
+    """The experiment's network (random head, unfrozen), to load a candidate's state into, and
+    val's normalised centre crops, as the trials evaluate them."""
+    spec = BACKBONES.get(experiment.backbone)
+    norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
+    return (lambda: build_model(experiment.backbone, len(data.classes), None, image_mode=experiment.image_mode,
+                                gray_input=experiment.gray_input),
+            norm(eval_batch(data.splits["val"].images, experiment.image_size)))
 
 
 def soup_data(experiment: Experiment, data: Dataset) -> final_model.SoupData:
@@ -336,12 +352,9 @@ def soup_data(experiment: Experiment, data: Dataset) -> final_model.SoupData:
     norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
     train = data.splits["train"]
     picked = np.linspace(0, len(train) - 1, min(len(train), final_model.BN_IMAGES)).round().astype(int)
+    build, val_x = network_and_val(experiment, data)
     return final_model.SoupData(
-        build=lambda: build_model(experiment.backbone, len(data.classes), None, image_mode=experiment.image_mode,
-                                  gray_input=experiment.gray_input),
-        train_x=norm(eval_batch([train.images[i] for i in picked], experiment.image_size)),
-        val_x=norm(eval_batch(data.splits["val"].images, experiment.image_size)),
-    )
+        build=build, train_x=norm(eval_batch([train.images[i] for i in picked], experiment.image_size)), val_x=val_x)
 
 
 __all__ = ["RunLocation", "SearchOptions", "SearchResult", "UsageError", "load", "search"]

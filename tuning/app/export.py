@@ -85,6 +85,7 @@ def final_meta(final: Final) -> dict[str, Any]:
                      "temperature": c.temperature, "hparams": c.config, "val_acc": c.metrics.get(M.VAL_ACC),
                      "val_loss": c.metrics.get(M.VAL_LOSS)} for c, w in final.members],
         "temperature": temperatures[0] if final.kind != "ensemble" else None,
+        "mirror": final.mirror,  # each member's logits averaged over the image and its left-right mirror
         "val": final.val,
     }
 
@@ -175,7 +176,9 @@ def plain_meta(meta: dict[str, Any]) -> dict[str, Any] | None:
         "load": f"net.load_state_dict(torch.load({PLAIN_FILE!r}, weights_only=True), strict=True)",
         "input": "float NCHW crops as for model.onnx, scaled to 0..1 and normalised with `mean` and `std`"
                  + (" (gray: their averages), the gray channel repeated 3 times" if repeat else ""),
-        "output": f"logits: divide them by the temperature {temperature:.4g} before the softmax (calibration)",
+        "output": f"logits: divide them by the temperature {temperature:.4g} before the softmax (calibration)"
+                  + (", after averaging them with the logits of the crop's left-right mirror image"
+                     if meta.get("final", {}).get("mirror") else ""),
     }
 
 
@@ -196,10 +199,10 @@ def rebuild(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[Ensem
     if final.get("kind") == "ensemble":
         members = final["members"]
         model = Ensemble([member_net(meta, m["freeze_depth"], None) for m in members],
-                         [m["weight"] for m in members], [m["temperature"] for m in members])
+                         [m["weight"] for m in members], [m["temperature"] for m in members], bool(final.get("mirror")))
         model.load_state_dict(state)
     else:
-        model = Ensemble([member_net(meta, 0, state)], [1.0], [final.get("temperature") or 1.0])
+        model = Ensemble([member_net(meta, 0, state)], [1.0], [final.get("temperature") or 1.0], bool(final.get("mirror")))
     return model.eval(), norm
 
 

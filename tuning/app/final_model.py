@@ -21,6 +21,11 @@ and the methods judge candidates on calibrated NLL as well as accuracy:
 - "soup": greedy weight averaging (Wortsman et al., 2022) in order of val score, an ingredient kept
   if the soup does not get worse on val; BatchNorm statistics are recomputed on training images.
 - "best_acc": the rule before calibration: best val accuracy, lower val loss on ties.
+
+Whatever is chosen, for an experiment that trains on mirrored views (`Experiment.hflip`) the final
+model then averages each member's logits over the image and its left-right mirror (`mirror`): its
+members' val logits are recomputed so, and their temperatures fitted again. The candidates are
+chosen on the logits the search computed (the probe's are already mirror-averaged).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -65,6 +70,7 @@ class Candidate:
     val_logits: np.ndarray
     freeze_depth: int
     is_probe: bool = False
+    mirrored: bool = False  # val_logits average the image's and its mirror's
     temperature: float = 1.0  # fitted on val by `calibrate`
     calibrated: dict[str, float] = field(default_factory=dict)  # acc, nll, ece at that temperature
 
@@ -87,6 +93,7 @@ class Final:
     soup_temperature: float = 1.0
     candidates: list[Candidate] = field(default_factory=list)  # what it was chosen from (final.json)
     relative_cost: float | None = None  # its forward FLOPs per image over one network's (`prediction_cost`)
+    mirror: bool = False  # each member's logits averaged over the image and its mirror (`mirror`)
 
     @property
     def lead(self) -> Candidate:
@@ -97,18 +104,21 @@ class Final:
         what = {"single": "single", "ensemble": f"ensemble of {len(self.members)}", "soup": f"soup of {len(self.members)}"}[self.kind]
         if self.kind == "ensemble" and self.relative_cost is not None:
             what += f", {self.relative_cost:.2f}x one network's compute"
+        if self.mirror:
+            what += ", each image averaged with its mirror"
         return (f"final model: {what} ({names}), chosen by {self.method}: val_acc {self.val['acc']:.4f}, "
                 f"val NLL {self.val['nll']:.4f}, ECE {self.val['ece']:.4f} after calibration, {self.seconds:.1f} s")
 
 
 def prediction_cost(final: Final, stage_flops: Sequence[int]) -> float:
     """An ensemble's forward FLOPs per image over one network's: the pretrained prefix once, to
-    the deepest member's depth, then each member's own stages (tuning.lib.ensemble)."""
+    the deepest member's depth, then each member's own stages (tuning.lib.ensemble); twice with `mirror`."""
+    views = 2.0 if final.mirror else 1.0
     if final.kind != "ensemble" or not stage_flops:
-        return 1.0
+        return views
     depths = [c.freeze_depth for c, _ in final.members]
     shared = sum(stage_flops[: max(depths)])
-    return (shared + sum(sum(stage_flops[d:]) for d in depths)) / sum(stage_flops)
+    return views * (shared + sum(sum(stage_flops[d:]) for d in depths)) / sum(stage_flops)
 
 
 def read_logits(path: str, filesystem: pafs.FileSystem | None = None) -> np.ndarray | None:
@@ -307,21 +317,43 @@ def greedy_soup(candidates: list[Candidate], labels: np.ndarray, data: SoupData)
                  soup_state=state, soup_temperature=t)
 
 
+def mirror(final: Final, labels: np.ndarray, build: Callable[[], FineTuneNet], val_x: torch.Tensor) -> None:
+    """Make `final` average each image with its mirror: its members' (or its soup's) val logits
+    become the mean of the centre crops' and their mirrors', its temperatures and val scores are
+    fitted again. Costs one forward pass over the mirrored val crops per network not yet mirrored."""
+    model, flipped = build(), val_x.flip(-1)
+    if final.soup_state is not None:
+        model.load_state_dict(final.soup_state)
+        logits = (logits_of(model, val_x) + logits_of(model, flipped)) / 2
+        final.soup_temperature = C.fit_temperature(logits, labels)
+        final.val = C.scores(C.log_probs(logits, final.soup_temperature), labels)
+    else:
+        members = []
+        for c, w in final.members:  # copies: the candidates stay as they were chosen (final.json)
+            if not c.mirrored:
+                model.load_state_dict(state_of(c))
+                c = replace(c, val_logits=(c.val_logits + logits_of(model, flipped)) / 2, mirrored=True)
+            members.append((replace(c), w))
+        calibrate([c for c, _ in members], labels)
+        final.members, final.val = members, ensemble_scores(members, labels)
+    final.mirror = True
+
+
 def record(final: Final, candidates: Sequence[Candidate]) -> dict[str, Any]:
     """final.json: what the final model is and every candidate it was chosen from."""
-    weights = {id(c): w for c, w in final.members}
+    weights = {c.checkpoint_path: w for c, w in final.members}  # members may be mirrored copies
     return {
         "method": final.method, "kind": final.kind, "seconds": round(final.seconds, 3),
-        "relative_cost": final.relative_cost,
+        "relative_cost": final.relative_cost, "mirror": final.mirror,
         "val": final.val,
         "members": [{"trial_id": c.trial_id, "epoch": c.metrics.get(M.EPOCH, 0), "weight": w} for c, w in final.members],
         "candidates": [{
             "trial_id": c.trial_id, "epoch": c.metrics.get(M.EPOCH, 0), "freeze_depth": c.freeze_depth,
             "checkpoint": c.checkpoint_path,
             "val_acc": c.metrics.get(M.VAL_ACC), "val_loss": c.metrics.get(M.VAL_LOSS),
-            "temperature": c.temperature, "calibrated_val_nll": c.calibrated.get("nll"),
+            "temperature": c.temperature, "calibrated_val_nll": c.calibrated.get("nll"), "mirrored": c.mirrored,
             "calibrated_val_ece": c.calibrated.get("ece"), "sharpest_val_nll": c.calibrated.get("sharpest_nll"),
-            "weight": weights.get(id(c), 0.0),
+            "weight": weights.get(c.checkpoint_path, 0.0),
         } for c in candidates],
     }
 
@@ -342,7 +374,8 @@ def candidates_of(record: dict[str, Any]) -> list[Candidate]:
         logits = read_logits(c["checkpoint"])
         if logits is not None:
             found.append(Candidate(c["trial_id"], {}, {M.VAL_ACC: c["val_acc"], M.VAL_LOSS: c["val_loss"], M.EPOCH: c["epoch"]},
-                                   c["checkpoint"], logits, c["freeze_depth"], is_probe=c["trial_id"] == "probe"))
+                                   c["checkpoint"], logits, c["freeze_depth"], is_probe=c["trial_id"] == "probe",
+                                   mirrored=bool(c.get("mirrored", False))))
     return found
 
 
@@ -351,7 +384,7 @@ def probe_candidate(probe: Any, run_dir: Path, probe_id: str, probe_dir: str) ->
     return Candidate(
         trial_id=probe_id, config=dict(probe.config), metrics=dict(probe.metrics),
         checkpoint_path=str(run_dir / probe_dir), val_logits=probe.val_logits,
-        freeze_depth=int(probe.freeze_depth), is_probe=True,
+        freeze_depth=int(probe.freeze_depth), is_probe=True, mirrored=bool(getattr(probe, "mirrored", False)),
     )
 
 

@@ -39,6 +39,7 @@ class ProbeResult:
     seconds: float  # to fit, features included
     timestamp: float  # when it was known (unix time)
     val_logits: np.ndarray | None = None  # (val images, classes): a candidate of the final model
+    mirrored: bool = False  # val_logits average each image's and its mirror's (the final model's `mirror`)
 
     @property
     def config(self) -> dict:
@@ -65,11 +66,16 @@ def fit(
     norm = Normalize.for_mode(spec.mean, spec.std, experiment.image_mode)
     inputs = TrialInputs(data, experiment, model, norm, cache, torch.device("cpu"))
     train, val = inputs.train_centre(), inputs.val()
-    val_x = features(val)
-    probe = fit_probe(features(train), train.labels, val_x, val.labels, len(data.classes))
+    train_x, train_y, val_x = features(train), train.labels, features(val)
+    if experiment.hflip:
+        # a mirror image is another training example of its class, as in the trials' flipped views, and the
+        # final model averages over an image and its mirror: the head is fitted and chosen on both
+        train_x, train_y = torch.cat([train_x, features(inputs.train_centre(mirror=True))]), torch.cat([train_y, train_y])
+        val_x = (val_x + features(inputs.val(mirror=True))) / 2  # linear head: the mean feature gives the mean logits
+    probe = fit_probe(train_x, train_y, val_x, val.labels, len(data.classes))
     model.head.load_state_dict(probe.head_state())
     val_logits = (val_x @ probe.weight.T + probe.bias).numpy().astype(np.float32)
-    result = ProbeResult(probe, spec.num_stages, time.time() - started, time.time(), val_logits)
+    result = ProbeResult(probe, spec.num_stages, time.time() - started, time.time(), val_logits, experiment.hflip)
     return result, model
 
 

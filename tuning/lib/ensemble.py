@@ -4,6 +4,8 @@ probabilities are averaged with weights (a single trial or a soup is an ensemble
 Every member starts from the same pretrained backbone, and a member frozen to depth k keeps its
 first k stages exactly as pretrained: the pretrained prefix is computed once, stage by stage, and
 each member continues from its own depth, so members that share a frozen prefix share its work.
+With `mirror`, each member's logits are averaged over the image and its left-right mirror before
+its temperature (test-time augmentation for a model trained on flipped views as well).
 `forward` returns log-probabilities, so `model(x).softmax(1)` gives the probabilities and
 cross-entropy on its output is the NLL, as for a single network's logits."""
 from __future__ import annotations
@@ -17,7 +19,8 @@ from tuning.lib.model import FineTuneNet
 
 
 class Ensemble(nn.Module):
-    def __init__(self, members: Sequence[FineTuneNet], weights: Sequence[float], temperatures: Sequence[float]) -> None:
+    def __init__(self, members: Sequence[FineTuneNet], weights: Sequence[float], temperatures: Sequence[float],
+                 mirror: bool = False) -> None:
         super().__init__()
         if not members or not len(members) == len(weights) == len(temperatures):
             raise ValueError("an ensemble needs one weight and one temperature per member, and a member")
@@ -27,6 +30,7 @@ class Ensemble(nn.Module):
         self.register_buffer("temperatures", torch.tensor([float(t) for t in temperatures]))
         # members in the order of their depth; the deepest one's frozen stages are the pretrained prefix
         self.order = sorted(range(len(members)), key=lambda i: members[i].freeze_depth)
+        self.mirror = mirror
 
     @property
     def prefix(self) -> FineTuneNet:
@@ -34,6 +38,9 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prefix = self.prefix
+        n = x.shape[0]
+        if self.mirror:
+            x = torch.cat([x, x.flip(-1)])
         if prefix.in_repeat > 1:
             x = x.expand(-1, prefix.in_repeat, -1, -1)
         h, depth = prefix._layout(x), 0
@@ -46,5 +53,7 @@ class Ensemble(nn.Module):
                     depth += 1
             features = member.pool(h) if member.fully_frozen else h
             logits = member.trainable_forward(features).float()
+            if self.mirror:
+                logits = (logits[:n] + logits[n:]) / 2
             out[i] = torch.log_softmax(logits / self.temperatures[i], dim=1) + self.log_weights[i]
         return torch.logsumexp(torch.stack(out), dim=0)  # type: ignore[arg-type]

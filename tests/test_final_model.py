@@ -19,6 +19,7 @@ from tuning.app import final_model as F
 from tuning.app.export import export
 from tuning.lib import calibration as C
 from tuning.lib.model import build_model
+from tuning.report import format_final
 
 
 def logits_for(labels: np.ndarray, margin: np.ndarray, classes: int = 3) -> np.ndarray:
@@ -97,9 +98,9 @@ def test_the_ensemble_adds_members_that_lower_val_nll_and_weights_sum_to_one():
     assert len(F.ensemble([ca, cb], labels, ca, max_members=1)) == 1
 
 
-def test_an_ensemble_not_significantly_ahead_of_the_probe_gives_it_three_quarters_of_the_weight():
+def test_an_ensemble_not_significantly_ahead_of_the_probe_leaves_the_probe_alone():
     """Two images more than the probe on 80 (McNemar p 0.25: the lucky best of many) is no evidence:
-    the probe takes three quarters. Twenty more (p ~1e-6) is: the ensemble stands alone."""
+    the probe alone is exported, and the summary says why. Twenty more (p ~1e-6) is: the ensemble stands."""
     labels = np.arange(80) % 2
     probe_margins = np.full(80, 2.0)
     probe_margins[:4] = -1.0  # 76 right
@@ -108,24 +109,28 @@ def test_an_ensemble_not_significantly_ahead_of_the_probe_gives_it_three_quarter
     close[2:4] = -1.0  # 78 right: fixes two of the probe's four errors
     tuned = cand("tuned", logits_for(labels, close, 2), labels, depth=4)
     final = F.choose([probe, tuned], labels, "ensemble")
-    assert dict((c.trial_id, w) for c, w in final.members) == {"probe": 0.75, "tuned": 0.25}
+    assert [(c.trial_id, w) for c, w in final.members] == [("probe", 1.0)] and final.kind == "single"
+    assert final.lead_p == pytest.approx(0.25) and "not significantly ahead of it on val (p 0.25)" in final.describe()
+    record = F.record(final, [probe, tuned])
+    assert record["lead_p"] == pytest.approx(0.25) and "lead over the probe on val at p 0.25" in format_final(record)
 
     weak = np.full(80, 2.0)
     weak[:24] = -1.0  # 56 right
     probe = cand("probe", logits_for(labels, weak, 2), labels, probe=True)
     tuned = cand("tuned", logits_for(labels, close, 2), labels, depth=4)
     assert F.lead_p_value([(tuned, 1.0)], probe, labels) < 1e-4
-    assert [c.trial_id for c, _ in F.choose([probe, tuned], labels, "ensemble").members] == ["tuned"]
+    final = F.choose([probe, tuned], labels, "ensemble")
+    assert [c.trial_id for c, _ in final.members] == ["tuned"] and "significantly" not in final.describe()
 
 
-def test_the_probe_makes_room_within_the_member_limit():
+def test_a_probe_chosen_outright_is_not_put_to_the_test():
     labels = np.arange(40) % 2
     probe = cand("probe", logits_for(labels, np.full(40, 2.0), 2), labels, probe=True)
-    others = [cand(f"t{i}", logits_for(labels, np.full(40, 2.0 + i), 2), labels, depth=i) for i in range(5)]
-    F.calibrate([probe, *others], labels)
-    members = F.with_probe([(c, w) for c, w in zip(others, (0.4, 0.2, 0.2, 0.1, 0.1))], probe, labels)
-    assert [c.trial_id for c, _ in members] == ["probe", "t0", "t1", "t2", "t3"]
-    assert sum(w for _, w in members) == pytest.approx(1.0) and members[0][1] == 0.75
+    worse = np.full(40, 2.0)
+    worse[:6] = -1.0
+    tuned = cand("tuned", logits_for(labels, worse, 2), labels, depth=3)
+    final = F.choose([probe, tuned], labels, "ensemble")
+    assert [c.trial_id for c, _ in final.members] == ["probe"] and final.lead_p is None
 
 
 def test_the_temperature_lowers_val_nll_of_an_overconfident_model():

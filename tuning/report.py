@@ -181,6 +181,8 @@ def format_final(record: dict | None) -> str:
     lines = [f"final model: {record['kind']} by {record['method']} ({members}): val_acc {val['acc']:.4f}, "
              f"val NLL {val['nll']:.4f}, ECE {val['ece']:.4f} after calibration"
              + (", each image averaged with its mirror" if record.get("mirror") else "")
+             + (f", the trials' ensemble's lead over the probe on val at p {record['lead_p']:.2g}"
+                if record.get("lead_p") is not None else "")
              + f", chosen in {record['seconds']:.1f} s",
              f"its {len(record['candidates'])} candidates (the probe and each trial's kept checkpoints):"]
     shown = pd.DataFrame(record["candidates"]).drop(columns=["checkpoint"], errors="ignore")

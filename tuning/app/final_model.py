@@ -14,10 +14,10 @@ and the methods judge candidates on calibrated NLL as well as accuracy:
   lowers val NLL most, at most `MAX_MEMBERS` distinct, while the ensemble's NLL at its sharpest
   temperature drops by more than `MIN_GAIN`: a member must fix what confidence alone cannot, so on
   a val split already all right nothing is added for being surer. Unless the ensemble gets
-  significantly more val images right than the probe (`lead_p_value`), the probe then takes three
-  quarters of the weight: the fine-tuned candidates' val scores are the best of many noisy ones,
-  the probe's is not, and an output-space mix of a fine-tuned model with the model it started from
-  (WiSE-FT, Wortsman et al., 2022) keeps some of the fine-tuned accuracy at the starting model's NLL.
+  significantly more val images right than the probe (`lead_p_value`), the probe alone is the
+  final model: the fine-tuned candidates' val scores are the best of many noisy ones, the probe's
+  is not, and without that evidence a mix with them predicted held-out images no better than the
+  calibrated probe, at twice its compute (docs/final-model.md).
 - "soup": greedy weight averaging (Wortsman et al., 2022) in order of val score, an ingredient kept
   if the soup does not get worse on val; BatchNorm statistics are recomputed on training images.
 - "best_acc": the rule before calibration: best val accuracy, lower val loss on ties.
@@ -54,7 +54,6 @@ DEFAULT_METHOD = "ensemble"
 MAX_MEMBERS = 5  # distinct networks in an ensemble: bounds its prediction cost
 MAX_PICKS = 25  # greedy steps, as AutoGluon's ensemble selection
 MIN_GAIN = 1e-3  # val NLL an added member must save: below it, a member is noise fitted to val
-PROBE_SHARE = 0.75  # the probe's weight beside an ensemble whose lead over it is not significant (WiSE-FT's 1 - alpha)
 SIGNIFICANT = 0.05  # one-sided exact McNemar p-value an ensemble's lead over the probe must reach to stand alone
 SOUP_INGREDIENTS = 8  # candidates a soup tries, best first: each try recomputes BatchNorm and validates
 BN_IMAGES = 128  # training images that re-estimate a soup's BatchNorm statistics
@@ -94,6 +93,7 @@ class Final:
     candidates: list[Candidate] = field(default_factory=list)  # what it was chosen from (final.json)
     relative_cost: float | None = None  # its forward FLOPs per image over one network's (`prediction_cost`)
     mirror: bool = False  # each member's logits averaged over the image and its mirror (`mirror`)
+    lead_p: float | None = None  # "ensemble": the trials' ensemble's lead over the probe on val, as `lead_p_value`
 
     @property
     def lead(self) -> Candidate:
@@ -106,6 +106,8 @@ class Final:
             what += f", {self.relative_cost:.2f}x one network's compute"
         if self.mirror:
             what += ", each image averaged with its mirror"
+        if self.lead_p is not None and self.lead.is_probe and len(self.members) == 1:
+            what += f", the trials' ensemble not significantly ahead of it on val (p {self.lead_p:.2g})"
         return (f"final model: {what} ({names}), chosen by {self.method}: val_acc {self.val['acc']:.4f}, "
                 f"val NLL {self.val['nll']:.4f}, ECE {self.val['ece']:.4f} after calibration, {self.seconds:.1f} s")
 
@@ -206,20 +208,11 @@ def lead_p_value(members: Sequence[tuple[Candidate, float]], probe: Candidate, l
     return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
 
 
-def with_probe(members: list[tuple[Candidate, float]], probe: Candidate, labels: np.ndarray,
-               max_members: int = MAX_MEMBERS) -> list[tuple[Candidate, float]]:
-    """The probe at `PROBE_SHARE`, the ensemble the rest, unless the ensemble's lead over the probe is significant.
-    Within `max_members` distinct networks: the lightest other members make room for the probe."""
-    if lead_p_value(members, probe, labels) < SIGNIFICANT:
-        return members
-    others = sorted([(c, w) for c, w in members if c is not probe], key=lambda m: -m[1])
-    if not others:
-        return members
-    own = sum(w for c, w in members if c is probe)  # the probe's weight inside the ensemble
-    kept = others[: max_members - 1]
-    rest = sum(w for _, w in kept)
-    return [(probe, PROBE_SHARE + (1 - PROBE_SHARE) * own)] + \
-        [(c, (1 - PROBE_SHARE) * (1 - own) * w / rest) for c, w in kept]
+def probe_unless_ahead(members: list[tuple[Candidate, float]], probe: Candidate,
+                       labels: np.ndarray) -> tuple[list[tuple[Candidate, float]], float]:
+    """The ensemble if its lead over the probe on val is significant, else the probe alone; and the p-value."""
+    p = lead_p_value(members, probe, labels)
+    return (members if p < SIGNIFICANT else [(probe, 1.0)]), p
 
 
 def ensemble_scores(members: Sequence[tuple[Candidate, float]], labels: np.ndarray) -> dict[str, float]:
@@ -240,11 +233,12 @@ def choose(candidates: list[Candidate], labels: np.ndarray, method: str = DEFAUL
         one = select(candidates, labels)
         final = Final(method, "single", [(one, 1.0)], dict(one.calibrated))
     elif method == "ensemble":
-        members = ensemble(candidates, labels, select(candidates, labels))
+        members, p = ensemble(candidates, labels, select(candidates, labels)), None
         probe = next((c for c in candidates if c.is_probe), None)
-        if probe is not None:
-            members = with_probe(members, probe, labels)
-        final = Final(method, "ensemble" if len(members) > 1 else "single", members, ensemble_scores(members, labels))
+        if probe is not None and not (len(members) == 1 and members[0][0] is probe):  # the probe outright needs no test
+            members, p = probe_unless_ahead(members, probe, labels)
+        final = Final(method, "ensemble" if len(members) > 1 else "single", members, ensemble_scores(members, labels),
+                      lead_p=p)
     else:
         if soup_data is None:
             raise ValueError("a soup needs the training and validation images")
@@ -344,7 +338,7 @@ def record(final: Final, candidates: Sequence[Candidate]) -> dict[str, Any]:
     weights = {c.checkpoint_path: w for c, w in final.members}  # members may be mirrored copies
     return {
         "method": final.method, "kind": final.kind, "seconds": round(final.seconds, 3),
-        "relative_cost": final.relative_cost, "mirror": final.mirror,
+        "relative_cost": final.relative_cost, "mirror": final.mirror, "lead_p": final.lead_p,
         "val": final.val,
         "members": [{"trial_id": c.trial_id, "epoch": c.metrics.get(M.EPOCH, 0), "weight": w} for c, w in final.members],
         "candidates": [{

@@ -110,7 +110,7 @@ def test_an_ensemble_not_significantly_ahead_of_the_probe_leaves_the_probe_alone
     tuned = cand("tuned", logits_for(labels, close, 2), labels, depth=4)
     final = F.choose([probe, tuned], labels, "ensemble")
     assert [(c.trial_id, w) for c, w in final.members] == [("probe", 1.0)] and final.kind == "single"
-    assert final.lead_p == pytest.approx(0.25) and "not significantly ahead of it on val (p 0.25)" in final.describe()
+    assert final.lead_p == pytest.approx(0.25) and final.describe().endswith("not significantly ahead of the probe on val (p 0.25)")
     record = F.record(final, [probe, tuned])
     assert record["lead_p"] == pytest.approx(0.25) and "lead over the probe on val at p 0.25" in format_final(record)
 

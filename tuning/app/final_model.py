@@ -106,10 +106,11 @@ class Final:
             what += f", {self.relative_cost:.2f}x one network's compute"
         if self.mirror:
             what += ", each image averaged with its mirror"
+        why = ""
         if self.lead_p is not None and self.lead.is_probe and len(self.members) == 1:
-            what += f", the trials' ensemble not significantly ahead of it on val (p {self.lead_p:.2g})"
+            why = f"; the trials' ensemble was not significantly ahead of the probe on val (p {self.lead_p:.2g})"
         return (f"final model: {what} ({names}), chosen by {self.method}: val_acc {self.val['acc']:.4f}, "
-                f"val NLL {self.val['nll']:.4f}, ECE {self.val['ece']:.4f} after calibration, {self.seconds:.1f} s")
+                f"val NLL {self.val['nll']:.4f}, ECE {self.val['ece']:.4f} after calibration, {self.seconds:.1f} s{why}")
 
 
 def prediction_cost(final: Final, stage_flops: Sequence[int]) -> float:

@@ -1,6 +1,8 @@
 """What a person reads: results.parquet, the report and TensorBoard's HParams data."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -42,8 +44,12 @@ def test_report_ranks_trials_and_writes_pngs(finished_run, capsys):
         assert f"wrote {png}" in out
     table = pq.read_table(finished_run / RESULTS_FILE).to_pandas()
     top = table.sort_values(["best_val_acc", "best_val_loss"], ascending=[False, True]).iloc[0]
-    first_row = out.splitlines()[1]
-    assert top.exported and first_row.split()[1:3] == ["exported", top.trial_id]
+    rows = [line.split() for line in out.splitlines()[1 : len(table) + 1]]
+    assert top.trial_id in rows[0]  # ranked by val_acc, then val_loss
+    # the final model's members are marked, whatever their rank (the probe alone, often)
+    members = {m["trial_id"] for m in json.loads((finished_run / "final.json").read_text())["members"]}
+    assert set(table.trial_id[table.exported]) == members
+    assert {r[2] for r in rows if r[1:2] == ["exported"]} == members
 
 
 def test_tensorboard_hparams_for_every_trial(finished_run):

@@ -59,8 +59,8 @@ def test_bad_run_arguments(cli, tmp_path, data_root, args, message):
     assert not (tmp_path / "runs").exists()
 
 
-def test_missing_data_root_says_where_to_put_the_folder(tmp_path):
-    out = run_cli("tuning.run", "hymenoptera", "--data-root", str(tmp_path / "empty"), "--storage", str(tmp_path / "runs"))
+def test_missing_data_root_says_where_to_put_the_folder(cli, tmp_path):
+    out = cli("tuning.run", "hymenoptera", "--data-root", str(tmp_path / "empty"), "--storage", str(tmp_path / "runs"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "put the 'hymenoptera_data' folder under" in out.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "runs").exists()
@@ -82,8 +82,8 @@ def test_data_that_cannot_be_listed_starts_no_ray(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_predict_on_a_missing_export(tmp_path):
-    out = run_cli("tuning.predict", str(tmp_path / "nothing"), str(tmp_path / "x.jpg"))
+def test_predict_on_a_missing_export(cli, tmp_path):
+    out = cli("tuning.predict", str(tmp_path / "nothing"), str(tmp_path / "x.jpg"))
     assert out.returncode == 2 and "is not an export" in out.stderr and "Traceback" not in out.stderr
 
 

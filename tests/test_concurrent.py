@@ -19,7 +19,7 @@ from tuning.app.syncing import retrying
 def test_two_searches_started_together_both_finish_cleanly(data_root, tmp_path):  # noqa: F811
     env = {**os.environ, "TUNING_CACHE_DIR": str(tmp_path / "cache")}  # one cache for both
     runs = {name: subprocess.Popen(
-        [sys.executable, "-m", "tuning.run", "hymenoptera", "--smoke-test", "--data-root", str(data_root),
+        [sys.executable, "-m", "tuning.run", "hymenoptera", "--smoke-test", "--samples", "1", "--epochs", "1", "--data-root", str(data_root),
          "--storage", str(tmp_path / "runs"), "--name", name],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for name in ("a", "b")}
     for name, proc in runs.items():

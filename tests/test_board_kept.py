@@ -54,7 +54,7 @@ def assert_board_holds(trial_dir: Path) -> None:
 def test_a_time_budget_keeps_the_curves_of_trials_it_stopped(cli, tiny_root, tiny_experiment, tmp_path):
     # 40 epochs never finish in the budget: the best trials are running when it stops them
     out = cli("tuning.run", "tiny", "--data-root", str(tiny_root), "--storage", str(tmp_path),
-              "--samples", "50", "--epochs", "40", "--seed", "2", "--time-budget", "30s")
+              "--samples", "50", "--epochs", "40", "--seed", "2", "--time-budget", "60s")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "time budget" in out.stdout, out.stdout[-2000:]
     run_dir = tmp_path / "tiny"

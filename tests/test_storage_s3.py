@@ -161,7 +161,7 @@ def test_a_killed_driver_resumes_from_the_bucket_on_a_fresh_cache_root(s3, data_
     """SIGKILL to the driver once a trial has finished and another has a checkpoint in the bucket;
     `--resume` from a fresh cache root (another machine) keeps the finished trial, continues the
     other from its checkpoint, and ends with exactly --samples trials."""
-    samples, n_epochs, prefix = 3, 2, f"resume/{RUN}"
+    samples, n_epochs, prefix = 4, 3, f"resume/{RUN}"
     cmd = search_cmd(data_root, s3.storage(prefix="resume"), "--samples", str(samples), "--epochs", str(n_epochs))
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=s3.env(TUNING_CACHE_DIR=str(tmp_path / "machine-a")))

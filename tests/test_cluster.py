@@ -2,7 +2,8 @@
 processes have a cache root of their own (TUNING_CACHE_DIR through the node's environment), the
 run goes to S3 (a moto server, tests/s3.py). Trials land on both nodes; the worker node receives
 the decoded store through Ray's object store and never decodes an image; it builds its own frozen
-features; the configurations are a one-node run's on the same seed; both nodes shut down cleanly."""
+features; the configurations are a one-node run's on the same seed; the driver leaves the cluster
+when its search ends; both nodes shut down cleanly."""
 from __future__ import annotations
 
 import json
@@ -49,6 +50,8 @@ SCRIPT = textwrap.dedent("""
     try:
         main(["hymenoptera", "--smoke-test", "--samples", "%d", "--epochs", "2", "--seed", "%d",
               "--address", cluster.address, "--data-root", data_root, "--storage", storage], trainable=recorded)
+        import ray
+        print("LEFT", not ray.is_initialized())  # the search left the cluster it joined before returning
     finally:
         import ray
         ray.shutdown()
@@ -74,7 +77,7 @@ def test_two_nodes_without_a_shared_cache_run_the_one_node_search_into_s3(s3, cl
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"trials: {SAMPLES}, errored: 0" in out.stdout, out.stdout[-2000:]  # no trial decoded an image
     head, worker = out.stdout.split("NODES")[1].split()[:2]
-    assert "SHUTDOWN clean" in out.stdout
+    assert "SHUTDOWN clean" in out.stdout and "LEFT True" in out.stdout
 
     # every node's trials, the results and the export are in the bucket
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.writer["AWS_ACCESS_KEY_ID"])

@@ -245,6 +245,10 @@ def test_mirroring_averages_each_member_over_the_image_and_its_mirror(tmp_path):
     assert t.temperature == pytest.approx(C.fit_temperature((centre + mirrored) / 2, labels), rel=1e-6)
     assert np.array_equal(trial.val_logits, centre) and not trial.mirrored  # the candidate as chosen
     assert final.val == F.ensemble_scores(final.members, labels)
+    # the classes the TensorBoard images show are the mirrored mixture's, as its val accuracy counts them
+    mixed = C.mixture([C.log_probs((centre + mirrored) / 2, t.temperature), C.log_probs(probe_logits, p.temperature)], [wt, wp])
+    assert np.array_equal(final.val_predicted(), mixed.argmax(1))
+    assert (final.val_predicted() == labels).mean() == pytest.approx(final.val["acc"])
     assert "averaged with its mirror" in final.describe()
 
 

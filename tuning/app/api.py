@@ -48,6 +48,7 @@ from tuning.app.search import (
     make_trainable,
     restore_tuner,
     start_ray,
+    stop_ray_meanwhile,
 )
 from tuning.lib.backbones import BACKBONES
 from tuning.lib.data import decoded_store
@@ -259,7 +260,7 @@ def search(
         with ThreadPoolExecutor(max_workers=1) as pool:
             preparing = pool.submit(prepare, experiment, placement, options, started, console, listing)
             try:
-                start_ray(options.address, options.dashboard, options.verbose, placement.memory_gb)
+                started_ray = start_ray(options.address, options.dashboard, options.verbose, placement.memory_gb)
             finally:
                 ready = preparing.result()
         with stop_signals() as signals:  # Ctrl-C and SIGTERM: the trials stop, the best so far is exported
@@ -282,6 +283,9 @@ def search(
                 tuner = build_tuner(experiment, placement, wrapped, Steering(budget, warm, console))
             with signals.fit():
                 grid = tuner.fit()
+            # a Ray this search started stops (a cluster it joined is left) while the final model is made;
+            # one that was up before (a notebook's, the tests') stays
+            stopping = stop_ray_meanwhile() if started_ray else None
             flush_deletions()  # the checkpoints Ray let go, kept until a trial list without them was stored
             # the probe is a result too: a budget that ends before any trial's first epoch still exports it
             floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))
@@ -296,11 +300,13 @@ def search(
                 tested = score_on_test(export_dir, test) if test is not None else {}
                 lead = final.lead
                 images_dir = probing.PROBE_DIR if lead.is_probe else f"trial_{lead.trial_id}"
-                write_export_images(location.local / images_dir, export_dir, data.splits["val"])
+                write_export_images(location.local / images_dir, export_dir, data.splits["val"], final.val_predicted())
                 location.push("best", images_dir, final_model.FINAL_FILE)
                 table = results.write(location)
     del ready  # the probe's network and the driver's decoded views: a notebook runs search again
     release_memory()
+    if stopping is not None:
+        stopping.join()
     if budget is not None and budget.ended(len(grid), experiment.samples):
         ended_by = f"the time budget ({options.time_budget}): {len(grid)} of {experiment.samples} trials started"
     else:

@@ -99,6 +99,13 @@ class Final:
     def lead(self) -> Candidate:
         return max(self.members, key=lambda m: m[1])[0]
 
+    def val_predicted(self) -> np.ndarray | None:
+        """The class it predicts for each val image, from its members' calibrated val logits as its
+        val scores are; None for a soup, whose averaged network is no candidate's."""
+        if self.soup_state is not None:
+            return None
+        return C.mixture([c.log_p() for c, _ in self.members], [w for _, w in self.members]).argmax(1)
+
     def describe(self) -> str:
         names = ", ".join(f"{c.name}" + (f" x{w:.2f}" if len(self.members) > 1 else "") for c, w in self.members)
         what = {"single": "single", "ensemble": f"ensemble of {len(self.members)}", "soup": f"soup of {len(self.members)}"}[self.kind]
@@ -316,7 +323,8 @@ def mirror(final: Final, labels: np.ndarray, build: Callable[[], FineTuneNet], v
     """Make `final` average each image with its mirror: its members' (or its soup's) val logits
     become the mean of the centre crops' and their mirrors', its temperatures and val scores are
     fitted again. Costs one forward pass over the mirrored val crops per network not yet mirrored."""
-    model, flipped = build(), val_x.flip(-1)
+    flipped = val_x.flip(-1)
+    model = build() if final.soup_state is not None or not all(c.mirrored for c, _ in final.members) else None
     if final.soup_state is not None:
         model.load_state_dict(final.soup_state)
         logits = (logits_of(model, val_x) + logits_of(model, flipped)) / 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -64,14 +65,15 @@ THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"
 
 def start_ray(
     address: str | None = None, dashboard: bool = False, verbose: bool = False, memory_gb: float | None = None
-) -> None:
+) -> bool:
     """Join the cluster at `address` (`auto`, `HOST:PORT` or `ray://HOST:PORT`), else start a local
-    single-node Ray, unless one is already up (tests). The dashboard stays off unless asked for,
-    and then listens on 127.0.0.1 only. Workers' log lines reach the console only with --verbose:
-    errors are kept in each trial's error.txt and listed in the summary. `memory_gb` is the memory
-    Ray lets trials take together (tuning.lib.footprint); a cluster's nodes state their own."""
+    single-node Ray, unless one is already up (tests); True if this call started or joined it. The
+    dashboard stays off unless asked for, and then listens on 127.0.0.1 only. Workers' log lines
+    reach the console only with --verbose: errors are kept in each trial's error.txt and listed in
+    the summary. `memory_gb` is the memory Ray lets trials take together (tuning.lib.footprint); a
+    cluster's nodes state their own."""
     if ray.is_initialized():
-        return
+        return False
     # A reused worker waits this long for the previous trial's thread to end (Ray's default, 2 s, is
     # less than a stopped trial's clean-up takes on a loaded CPU: the next trial then errored with
     # "Trainable runner reuse requires reset_config()"). Workers inherit it from a Ray started here.
@@ -82,10 +84,21 @@ def start_ray(
                      runtime_env={"env_vars": {THREAD_TIMEOUT_ENV: os.environ[THREAD_TIMEOUT_ENV]}})
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UsageError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
-        return
+        return True
     memory = {"_memory": int(memory_gb * footprint.GIB)} if memory_gb is not None else {}
+    # No idle workers started ahead: every trial is an actor, which Ray gives a worker of its own,
+    # so prestarted ones only cost a CPU-second each while the probe is being fitted.
     ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
-             log_to_driver=verbose, **memory)
+             log_to_driver=verbose, _system_config={"prestart_worker_first_driver": False}, **memory)
+    return True
+
+
+def stop_ray_meanwhile() -> threading.Thread:
+    """Stop Ray in the background: its processes take seconds to exit, and what follows the trials
+    (choosing, exporting, scoring the final model) needs no Ray. Join the thread before returning."""
+    stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+    stopping.start()
+    return stopping
 
 
 def check_resources(placement: Placement) -> int:

@@ -212,11 +212,12 @@ def test_scores(run_dir: Path, experiment, data, logits_out: Path | None = None)
 
 
 def ours_child(args: argparse.Namespace) -> None:
-    """Child process: our search on the folder, as `python -m tuning.run` runs it; prints its run dir as json."""
+    """Child process: our search on the folder, as `python -m tuning.run` runs it (Ray stopped meanwhile
+    at the end); prints its run dir as json."""
     import tuning
 
     experiment = experiment_for(args.dataset, Path(args.folder), args.samples, args.epochs, args.seed)
-    result = tuning.search(experiment, storage=str(Path(args.work) / "runs"), name="ours")
+    result = tuning.search(experiment, storage=str(Path(args.work) / "runs"), name="ours", stop_ray=True)
     print("RESULT " + json.dumps({"run_dir": result.run_dir, "final_model": result.final_model}))
 
 

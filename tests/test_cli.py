@@ -66,20 +66,26 @@ def test_missing_data_root_says_where_to_put_the_folder(cli, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_data_that_cannot_be_listed_starts_no_ray(tmp_path):
+def test_data_that_cannot_be_listed_starts_no_ray_and_a_search_leaves_its_ray_up(tmp_path):
     """The API lists the data before Ray starts: a broken folder is answered without Ray's start
-    and stop (about ten seconds here). A fresh interpreter, so that no test's Ray is running."""
+    and stop (about ten seconds here). Then a search in the same notebook-like process starts Ray
+    and leaves it up for the next one (only the command stops it). A fresh interpreter, so that no
+    test's Ray is running."""
     make_flat_folder(tmp_path / "one", {"a": 5})
+    good = make_image_folder(tmp_path / "good", {"train": 4, "val": 2})
     code = ("import ray, tuning\n"
             "try:\n"
             f"    tuning.search('folder:{tmp_path / 'one'}', storage='{tmp_path / 'runs'}')\n"
             "except tuning.UsageError as err:\n"
             "    print('usage error:', err)\n"
-            "print('ray started:', ray.is_initialized())\n")
+            "print('ray started:', ray.is_initialized())\n"
+            f"tuning.search('folder:{good}', smoke_test=True, samples=1, epochs=1, storage='{tmp_path / 'ok'}')\n"
+            "print('ray after a search:', ray.is_initialized())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "usage error: " in out.stdout and "has 1 class" in out.stdout, out.stdout + out.stderr
     assert "ray started: False" in out.stdout
     assert not (tmp_path / "runs").exists()
+    assert "ray after a search: True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 def test_predict_on_a_missing_export(cli, tmp_path):

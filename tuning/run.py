@@ -84,7 +84,7 @@ def main(
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SearchOptions)}
     try:
         with exit_on_usage_error("tuning.run"):
-            result = search(args.experiment, trainable=trainable, started=started, **options)
+            result = search(args.experiment, trainable=trainable, started=started, stop_ray=True, **options)
     except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM, or one outside the trials (tuning.app.interrupts)
         print("tuning.run: interrupted; what was saved stays, and --resume continues a search that had started",
               file=sys.stderr)

@@ -230,7 +230,7 @@ def prepare(
 
 def search(
     experiment: str | Experiment, *, trainable: Callable[..., None] | None = None, started: float | None = None,
-    **overrides: Any,
+    stop_ray: bool = False, **overrides: Any,
 ) -> SearchResult:
     """Search, export the best epoch of the best trial, score it on the test split, write results.
 
@@ -238,8 +238,10 @@ def search(
     flags by name (`samples=`, `epochs=`, `seed=`, `storage=`, `name=`, `data_root=`,
     `smoke_test=True`, ...). `trainable` replaces `trainables.finetune.finetune` (tests wrap it).
     `started`: `time.time()` when the user's clock started (the command passes its process start,
-    so `time_budget` and the reported times include its imports); default: now.
-    Raises `UsageError` for anything the user can fix."""
+    so `time_budget` and the reported times include its imports); default: now. `stop_ray`: a Ray
+    this search started (or a cluster it joined) stops while the final model is made, as the
+    command does, its process ending with the search; by default it stays up for the next search
+    in this process (a notebook). Raises `UsageError` for anything the user can fix."""
     started = time.time() if started is None else started
     options = SearchOptions.of(overrides)
     budget = Budget(parse_duration(options.time_budget), started) if options.time_budget is not None else None
@@ -283,9 +285,8 @@ def search(
                 tuner = build_tuner(experiment, placement, wrapped, Steering(budget, warm, console))
             with signals.fit():
                 grid = tuner.fit()
-            # a Ray this search started stops (a cluster it joined is left) while the final model is made;
-            # one that was up before (a notebook's, the tests') stays
-            stopping = stop_ray_meanwhile() if started_ray else None
+            # Ray's processes take seconds to stop: the command's stop overlaps what follows, which needs no Ray
+            stopping = stop_ray_meanwhile() if stop_ray and started_ray else None
             flush_deletions()  # the checkpoints Ray let go, kept until a trial list without them was stored
             # the probe is a result too: a budget that ends before any trial's first epoch still exports it
             floor = Best(probing.PROBE_ID, probe.config, probe.metrics, str(location.local / probing.PROBE_DIR))

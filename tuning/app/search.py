@@ -94,8 +94,9 @@ def start_ray(
 
 
 def stop_ray_meanwhile() -> threading.Thread:
-    """Stop Ray in the background: its processes take seconds to exit, and what follows the trials
-    (choosing, exporting, scoring the final model) needs no Ray. Join the thread before returning."""
+    """Stop Ray (or leave the cluster) in the background: its processes take seconds to exit, and
+    what follows the trials (choosing, exporting, scoring the final model) needs no Ray. The caller
+    joins the thread before it returns."""
     stopping = threading.Thread(target=ray.shutdown, name="ray-shutdown")
     stopping.start()
     return stopping

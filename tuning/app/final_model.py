@@ -104,7 +104,7 @@ class Final:
         val scores are; None for a soup, whose averaged network is no candidate's."""
         if self.soup_state is not None:
             return None
-        return C.mixture([c.log_p() for c, _ in self.members], [w for _, w in self.members]).argmax(1)
+        return mixed_log_p(self.members).argmax(1)
 
     def describe(self) -> str:
         names = ", ".join(f"{c.name}" + (f" x{w:.2f}" if len(self.members) > 1 else "") for c, w in self.members)
@@ -209,7 +209,7 @@ def ensemble(candidates: Sequence[Candidate], labels: np.ndarray, start: Candida
 def lead_p_value(members: Sequence[tuple[Candidate, float]], probe: Candidate, labels: np.ndarray) -> float:
     """One-sided exact McNemar test (Dietterich, 1998): the chance of the ensemble being right on at
     least this many of the val images where it and the probe disagree, if neither were better."""
-    ours = C.mixture([c.log_p() for c, _ in members], [w for _, w in members]).argmax(1) == labels
+    ours = mixed_log_p(members).argmax(1) == labels
     theirs = probe.log_p().argmax(1) == labels
     wins, losses = int((ours & ~theirs).sum()), int((~ours & theirs).sum())
     n = wins + losses  # P(X >= wins) for X ~ Binomial(n, 1/2); exact, without scipy.stats' 0.5 s import
@@ -223,8 +223,13 @@ def probe_unless_ahead(members: list[tuple[Candidate, float]], probe: Candidate,
     return (members if p < SIGNIFICANT else [(probe, 1.0)]), p
 
 
+def mixed_log_p(members: Sequence[tuple[Candidate, float]]) -> np.ndarray:
+    """Val log-probabilities of members mixed by weight, each at its fitted temperature."""
+    return C.mixture([c.log_p() for c, _ in members], [w for _, w in members])
+
+
 def ensemble_scores(members: Sequence[tuple[Candidate, float]], labels: np.ndarray) -> dict[str, float]:
-    return C.scores(C.mixture([c.log_p() for c, _ in members], [w for _, w in members]), labels)
+    return C.scores(mixed_log_p(members), labels)
 
 
 def choose(candidates: list[Candidate], labels: np.ndarray, method: str = DEFAULT_METHOD,

@@ -9,6 +9,9 @@ through the same Tuner (`tuning.app.search.build_tuner`); only the trainable dif
 
     python -m benchmarks.search --data-root ../shared/datasets [--samples 32] [--arms ours,tutorial]
 
+`glibc` is a third arm: ours with glibc's malloc instead of jemalloc (`TUNING_JEMALLOC=0`). An
+arm named twice runs twice (`--arms ours,glibc,ours,glibc`, reported as ours#2, glibc#2).
+
 Each arm is a child process; its wall-clock and peak memory (the sum of PSS over the process and
 all its descendants, Ray's workers included, sampled every second) are measured from outside.
 Prints a table and writes benchmarks/results/search.json.
@@ -143,11 +146,12 @@ def main() -> None:
 
     work = Path(args.storage or tempfile.mkdtemp(prefix="tuning-bench-search-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "TUNING_CACHE_DIR": str(work / "cache")}  # ours starts cold: decoding and features are timed
+    env = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    ours = [sys.executable, "-m", "tuning.run", args.experiment, "--samples", str(args.samples),
+            "--seed", str(args.seed), "--data-root", str(args.data_root), "--storage", str(work)]
     commands = {
-        "ours": [sys.executable, "-m", "tuning.run", args.experiment, "--samples", str(args.samples),
-                 "--seed", str(args.seed), "--data-root", str(args.data_root), "--storage", str(work), "--name", "ours"],
+        "ours": ours,
+        "glibc": list(ours),  # the same command with glibc's malloc (tuning.lib.allocator)
         "tutorial": [sys.executable, "-m", "benchmarks.search", "--arm", "tutorial", "--experiment", args.experiment,
                      "--samples", str(args.samples), "--seed", str(args.seed), "--data-root", str(args.data_root),
                      "--storage", str(work)],
@@ -157,10 +161,15 @@ def main() -> None:
             cmd += ["--epochs", str(args.epochs)]
     results = {}
     for arm in args.arms.split(","):
-        print(f"running {arm} ...", flush=True)
-        results[arm] = run_arm(commands[arm], env, work / f"{arm}.log")
-        r = results[arm]
-        print(f"{arm:>9}: {r['wall_s']:8.0f} s   best val_acc {r['best_val_acc']:.4f}   peak memory {r['peak_pss_gb']:.2f} GB",
+        key = arm if arm not in results else f"{arm}#{sum(k.split('#')[0] == arm for k in results) + 1}"  # repeats
+        print(f"running {key} ...", flush=True)
+        # each run starts cold (decoding and features are timed) in a run dir and cache of its own
+        slug = key.replace("#", "-")
+        cmd = commands[arm] + (["--name", slug] if arm != "tutorial" else [])
+        arm_env = {**env, "TUNING_CACHE_DIR": str(work / f"cache-{slug}"), **({"TUNING_JEMALLOC": "0"} if arm == "glibc" else {})}
+        results[key] = run_arm(cmd, arm_env, work / f"{slug}.log")
+        r = results[key]
+        print(f"{key:>9}: {r['wall_s']:8.0f} s   best val_acc {r['best_val_acc']:.4f}   peak memory {r['peak_pss_gb']:.2f} GB",
               flush=True)
     summary = {"commit": commit(), "versions": versions(), "experiment": args.experiment, "samples": args.samples, "seed": args.seed,
                "cpus": os.cpu_count(),

@@ -15,6 +15,7 @@ import ray
 from PIL import Image
 
 from experiments import EXPERIMENTS, Experiment
+from tuning.lib import allocator
 from tuning.lib.data.fetch import DATA_ROOT_ENV
 from tuning.lib.data.sources import DATASETS, FolderSource
 from tuning.lib.files import CACHE_ENV
@@ -30,9 +31,12 @@ atexit.register(shutil.rmtree, os.environ[CACHE_ENV], ignore_errors=True)
 @pytest.fixture(scope="session")
 def ray_session():
     # Ray 2.60 has no local_mode: a real single-node Ray, started once; its reused workers wait for
-    # a stopped trial's thread as the product's Ray does (tuning.app.search.start_ray)
+    # a stopped trial's thread and train with jemalloc, as the product's Ray does
+    # (tuning.app.search.start_ray)
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    preload = allocator.preload_env()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": preload} if preload else None)
     yield
     ray.shutdown()
 

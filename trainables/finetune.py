@@ -7,8 +7,6 @@ epoch: train, validate, report metrics and a checkpoint; a restarted trial resum
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import math
 import sys
@@ -27,6 +25,7 @@ from torch import nn
 from experiments.base import Experiment
 from trainables.inputs import TrialData, TrialInputs
 from tuning.lib import metrics as M
+from tuning.lib.allocator import release_memory
 from tuning.lib.backbones import BACKBONES
 from tuning.lib.checkpoint import Feed, autocast, evaluate_logits, load_state, save_state
 from tuning.lib.cost import rung_pauses, rungs, steps_per_epoch
@@ -123,28 +122,6 @@ def initial_head(
     if experiment.recipe_head == "random" and experiment.is_recipe(config):
         return None
     return probe_head
-
-
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)  # glibc only
-    except OSError:
-        return None
-
-
-MALLOC_TRIM = _libc_malloc_trim()
-
-
-def release_memory() -> None:
-    """Hand the heap that an epoch or a trial freed back to the OS. Ray reuses a trial's worker
-    for the next trial and runs each in a new thread, and glibc keeps freed memory in its arenas,
-    so reused workers grew to twice a step's peak. The price is re-faulting those pages on the
-    next step, a few % of an epoch (benchmarks/README.md, throughput)."""
-    gc.collect()
-    if MALLOC_TRIM is not None:
-        MALLOC_TRIM(0)
 
 
 def select_device() -> torch.device:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import time
 
 STARTED = time.time()  # the user's clock (and --time-budget) starts here: the imports below take seconds
+if __name__ == "__main__":
+    from tuning.lib.allocator import exec_with_jemalloc
+
+    STARTED = exec_with_jemalloc(STARTED)  # the driver computes the probe's features: jemalloc, as trials
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

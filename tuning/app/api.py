@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from experiments import Experiment, get_experiment
-from trainables.finetune import finetune, release_memory
+from trainables.finetune import finetune
 from tuning.app import final_model, probing, results
 from tuning.app.budget import Budget, parse_duration
 from tuning.app.console import LOG_FILE, quiet
@@ -50,6 +50,7 @@ from tuning.app.search import (
     start_ray,
     stop_ray_meanwhile,
 )
+from tuning.lib.allocator import release_memory
 from tuning.lib.backbones import BACKBONES
 from tuning.lib.data import decoded_store
 from tuning.lib.data.decode import Dataset

@@ -30,7 +30,7 @@ from tuning.app.sampler import DEPTH, CheapFirstTPE
 from tuning.app.steering import Steering
 from tuning.app.syncing import defer_checkpoint_deletion, tolerate_vanishing_files
 from tuning.app.tensorboard import TrialBoard, domains
-from tuning.lib import features, footprint
+from tuning.lib import allocator, features, footprint
 from tuning.lib import metrics as M
 from tuning.lib.cost import epoch_costs
 from tuning.lib.data import decoded_store
@@ -87,9 +87,11 @@ def start_ray(
         return True
     memory = {"_memory": int(memory_gb * footprint.GIB)} if memory_gb is not None else {}
     # No idle workers started ahead: every trial is an actor, which Ray gives a worker of its own,
-    # so prestarted ones only cost a CPU-second each while the probe is being fitted.
+    # so prestarted ones only cost a CPU-second each while the probe is being fitted. Workers train
+    # with jemalloc (tuning.lib.allocator); a cluster's nodes keep their own environment.
     ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
-             log_to_driver=verbose, _system_config={"prestart_worker_first_driver": False}, **memory)
+             log_to_driver=verbose, _system_config={"prestart_worker_first_driver": False},
+             runtime_env={"env_vars": preload} if (preload := allocator.preload_env()) else None, **memory)
     return True
 
 

@@ -1,6 +1,7 @@
 """jemalloc in the processes that run networks (tuning.lib.allocator): the command re-executes
-itself with it, Ray's trial workers start with it, and `release_memory` purges what it keeps.
-Each check runs in a fresh interpreter: a preload only takes effect when a process starts."""
+itself with it and `release_memory` purges what it keeps (that Ray's workers start with it:
+tests/test_cli.py, in a search's fresh process). Each check runs in a fresh interpreter: a preload
+only takes effect when a process starts."""
 from __future__ import annotations
 
 import json
@@ -67,22 +68,3 @@ def test_release_memory_purges_what_jemalloc_keeps():
     """, **preload_env())
     assert got["kept"] > 0.9, got  # freed, but kept for the next step (no page faults to refill it)
     assert got["after"] < 0.2, got  # handed back when a trial or epoch ends
-
-
-def test_ray_started_by_the_search_gives_trial_workers_jemalloc():
-    got = python("""
-        import json, ray, ctypes
-        from tuning.app.search import start_ray
-        start_ray()
-
-        @ray.remote(num_cpus=1)
-        def worker():
-            lib = ctypes.CDLL(None)
-            decay, size = ctypes.c_ssize_t(0), ctypes.c_size_t(8)
-            lib.mallctl(b"opt.dirty_decay_ms", ctypes.byref(decay), ctypes.byref(size), None, ctypes.c_size_t(0))
-            return {"preloaded": "jemalloc" in open("/proc/self/maps").read(), "dirty_decay_ms": decay.value}
-
-        print(json.dumps(ray.get(worker.remote())))
-        ray.shutdown()
-    """)
-    assert got == {"preloaded": True, "dirty_decay_ms": -1}

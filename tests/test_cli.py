@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Ran, make_flat_folder, make_image_folder
+from tuning.lib.allocator import jemalloc_path
 
 
 def run_cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -69,8 +70,8 @@ def test_missing_data_root_says_where_to_put_the_folder(cli, tmp_path):
 def test_data_that_cannot_be_listed_starts_no_ray_and_a_search_leaves_its_ray_up(tmp_path):
     """The API lists the data before Ray starts: a broken folder is answered without Ray's start
     and stop (about ten seconds here). Then a search in the same notebook-like process starts Ray
-    and leaves it up for the next one (only the command stops it). A fresh interpreter, so that no
-    test's Ray is running."""
+    and leaves it up for the next one (only the command stops it), its workers preloaded with
+    jemalloc (tuning.lib.allocator). A fresh interpreter, so that no test's Ray is running."""
     make_flat_folder(tmp_path / "one", {"a": 5})
     good = make_image_folder(tmp_path / "good", {"train": 4, "val": 2})
     code = ("import ray, tuning\n"
@@ -80,12 +81,22 @@ def test_data_that_cannot_be_listed_starts_no_ray_and_a_search_leaves_its_ray_up
             "    print('usage error:', err)\n"
             "print('ray started:', ray.is_initialized())\n"
             f"tuning.search('folder:{good}', smoke_test=True, samples=1, epochs=1, storage='{tmp_path / 'ok'}')\n"
-            "print('ray after a search:', ray.is_initialized())\n")
+            "print('ray after a search:', ray.is_initialized())\n"
+            "import ctypes\n"
+            "@ray.remote(num_cpus=1)\n"
+            "def allocator():\n"
+            "    decay, size = ctypes.c_ssize_t(0), ctypes.c_size_t(8)\n"
+            "    mallctl = getattr(ctypes.CDLL(None), 'mallctl', None)\n"
+            "    mallctl and mallctl(b'opt.dirty_decay_ms', ctypes.byref(decay), ctypes.byref(size), None, ctypes.c_size_t(0))\n"
+            "    return 'jemalloc' in open('/proc/self/maps').read(), decay.value\n"
+            "print('worker allocator:', ray.get(allocator.remote()))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "usage error: " in out.stdout and "has 1 class" in out.stdout, out.stdout + out.stderr
     assert "ray started: False" in out.stdout
     assert not (tmp_path / "runs").exists()
     assert "ray after a search: True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    if jemalloc_path() is not None:  # Linux, and Ray ships its jemalloc
+        assert "worker allocator: (True, -1)" in out.stdout, out.stdout[-2000:]
 
 
 def test_predict_on_a_missing_export(cli, tmp_path):

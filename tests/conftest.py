@@ -34,9 +34,8 @@ def ray_session():
     # a stopped trial's thread and train with jemalloc, as the product's Ray does
     # (tuning.app.search.start_ray)
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
-    preload = allocator.preload_env()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": preload} if preload else None)
+    with allocator.preloaded_children():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
 

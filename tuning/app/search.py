@@ -89,9 +89,9 @@ def start_ray(
     # No idle workers started ahead: every trial is an actor, which Ray gives a worker of its own,
     # so prestarted ones only cost a CPU-second each while the probe is being fitted. Workers train
     # with jemalloc (tuning.lib.allocator); a cluster's nodes keep their own environment.
-    ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
-             log_to_driver=verbose, _system_config={"prestart_worker_first_driver": False},
-             runtime_env={"env_vars": preload} if (preload := allocator.preload_env()) else None, **memory)
+    with allocator.preloaded_children():
+        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
+                 log_to_driver=verbose, _system_config={"prestart_worker_first_driver": False}, **memory)
     return True
 
 

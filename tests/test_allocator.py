@@ -39,7 +39,7 @@ NONE_LEFT = {"LD_PRELOAD": None, "MALLOC_CONF": None, "TUNING_STARTED": None}
 
 def test_the_command_reexecutes_itself_once_with_jemalloc_and_keeps_the_users_clock():
     got = python(REEXEC)
-    # its children (Ray's raylet, the GCS) get no preload of ours: Ray gives them its own
+    # the variables are gone: a child gets the preload only through preloaded_children (Ray's start)
     assert got == {"jemalloc": True, "started": 123.5, "left": NONE_LEFT}
 
 

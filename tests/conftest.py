@@ -32,10 +32,10 @@ atexit.register(shutil.rmtree, os.environ[CACHE_ENV], ignore_errors=True)
 def ray_session():
     # Ray 2.60 has no local_mode: a real single-node Ray, started once; its reused workers wait for
     # a stopped trial's thread and train with jemalloc, as the product's Ray does
-    # (tuning.app.search.start_ray)
+    # (tuning.app.search.start_ray). "local": never a cluster another test records (test_cluster)
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     with allocator.preloaded_children():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,9 +71,11 @@ def test_missing_data_root_says_where_to_put_the_folder(cli, tmp_path):
 
 def test_data_that_cannot_be_listed_starts_no_ray_and_a_search_leaves_its_ray_up(tmp_path):
     """The API lists the data before Ray starts: a broken folder is answered without Ray's start
-    and stop (about ten seconds here). Then a search in the same notebook-like process starts Ray
-    and leaves it up for the next one (only the command stops it), its workers preloaded with
-    jemalloc (tuning.lib.allocator). A fresh interpreter, so that no test's Ray is running."""
+    and stop (about ten seconds here). Then a search in the same notebook-like process starts its
+    own Ray, though this machine records another one's address (as `ray start` and a test's
+    ray.cluster_utils.Cluster do: a bare ray.init() joined it, with a traceback), and leaves it up
+    for the next one (only the command stops it), its workers preloaded with jemalloc
+    (tuning.lib.allocator). A fresh interpreter, so that no test's Ray is running."""
     make_flat_folder(tmp_path / "one", {"a": 5})
     good = make_image_folder(tmp_path / "good", {"train": 4, "val": 2})
     code = ("import ray, tuning\n"
@@ -90,7 +94,15 @@ def test_data_that_cannot_be_listed_starts_no_ray_and_a_search_leaves_its_ray_up
             "    mallctl and mallctl(b'opt.dirty_decay_ms', ctypes.byref(decay), ctypes.byref(size), None, ctypes.c_size_t(0))\n"
             "    return 'jemalloc' in open('/proc/self/maps').read(), decay.value\n"
             "print('worker allocator:', ray.get(allocator.remote()))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # Ray's temp dir (sockets included) where no other Ray is, under a path short enough for a socket
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # no cluster there
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "usage error: " in out.stdout and "has 1 class" in out.stdout, out.stdout + out.stderr
     assert "ray started: False" in out.stdout
     assert not (tmp_path / "runs").exists()

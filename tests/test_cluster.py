@@ -7,6 +7,7 @@ when its search ends; both nodes shut down cleanly."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -108,3 +109,19 @@ def test_two_nodes_without_a_shared_cache_run_the_one_node_search_into_s3(s3, cl
     assert [c for c, _ in double] == [c for c, _ in single]
     for (config, a), (_, b) in zip(double, single):
         assert abs(a - b) <= 1 / 12 + 1e-9, (config, a, b)  # within one of the 12 validation images
+
+
+def test_ray_address_in_the_environment_is_the_cluster_to_join(ray_session):
+    """`$RAY_ADDRESS` (set by `ray job submit`) counts as --address, as in any Ray script: the
+    command joins this session's Ray. A bare ray.init() joined it too, then refused our Ray
+    settings with a traceback."""
+    import ray
+
+    session = ray.get_runtime_context().gcs_address
+    code = ("import ray\n"
+            "from tuning.app.search import start_ray\n"
+            "print('joined:', start_ray(), ray.get_runtime_context().gcs_address)\n"
+            "ray.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": session})
+    assert f"joined: True {session}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

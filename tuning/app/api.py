@@ -44,6 +44,7 @@ from tuning.app.search import (
     Placement,
     build_tuner,
     check_resources,
+    cluster_address,
     feature_cache,
     make_trainable,
     restore_tuner,
@@ -167,7 +168,7 @@ def configure(spec: str | Experiment | None, options: SearchOptions) -> tuple[Ex
         raise UsageError(f"--final must be one of {', '.join(final_model.METHODS)}, got {options.final!r}")
     if options.step_memory_gb < 0:
         raise UsageError(f"--step-memory-gb must not be negative, got {options.step_memory_gb:g}")
-    if options.memory_gb is not None and options.address:
+    if options.memory_gb is not None and cluster_address(options.address):
         raise UsageError("--memory-gb sizes a Ray started here; on a cluster, start each node with `ray start --memory BYTES`")
     placement = Placement(
         storage=options.storage, name=options.name, cpus_per_trial=options.cpus_per_trial,

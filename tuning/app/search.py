@@ -61,6 +61,15 @@ class Placement:
 
 
 THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own: set by `ray job submit`, or by a user for every Ray script
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: `address`, else `$RAY_ADDRESS` as in any Ray script; None starts a Ray here."""
+    if address:
+        return address
+    env = os.environ.get(RAY_ADDRESS_ENV, "")
+    return env if env not in ("", "local") else None
 
 
 def start_ray(
@@ -71,26 +80,30 @@ def start_ray(
     dashboard stays off unless asked for, and then listens on 127.0.0.1 only. Workers' log lines
     reach the console only with --verbose: errors are kept in each trial's error.txt and listed in
     the summary. `memory_gb` is the memory Ray lets trials take together (tuning.lib.footprint); a
-    cluster's nodes state their own."""
+    cluster's nodes state their own. `$RAY_ADDRESS` counts as `address`, as in any Ray script."""
     if ray.is_initialized():
         return False
+    joining = cluster_address(address)
     # A reused worker waits this long for the previous trial's thread to end (Ray's default, 2 s, is
     # less than a stopped trial's clean-up takes on a loaded CPU: the next trial then errored with
     # "Trainable runner reuse requires reset_config()"). Workers inherit it from a Ray started here.
     os.environ.setdefault(THREAD_TIMEOUT_ENV, "60")
-    if address:
+    if joining:
         try:
-            ray.init(address=address, configure_logging=False, log_to_driver=verbose,
+            ray.init(address=joining, configure_logging=False, log_to_driver=verbose,
                      runtime_env={"env_vars": {THREAD_TIMEOUT_ENV: os.environ[THREAD_TIMEOUT_ENV]}})
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UsageError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+            named = joining if address else f"{joining} (${RAY_ADDRESS_ENV})"
+            raise UsageError(f"cannot join the Ray cluster at {named}: {str(err).splitlines()[0]}") from None
         return True
     memory = {"_memory": int(memory_gb * footprint.GIB)} if memory_gb is not None else {}
     # No idle workers started ahead: every trial is an actor, which Ray gives a worker of its own,
     # so prestarted ones only cost a CPU-second each while the probe is being fitted. Workers train
-    # with jemalloc (tuning.lib.allocator); a cluster's nodes keep their own environment.
+    # with jemalloc (tuning.lib.allocator); a cluster's nodes keep their own environment. "local":
+    # a bare ray.init() joins the cluster that `ray start` (or ray.cluster_utils) last recorded on
+    # this machine, and then refuses _system_config with a traceback; `--address auto` joins that one.
     with allocator.preloaded_children():
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", configure_logging=False,
                  log_to_driver=verbose, _system_config={"prestart_worker_first_driver": False}, **memory)
     return True
 

@@ -9,8 +9,10 @@ through the same Tuner (`tuning.app.search.build_tuner`); only the trainable dif
 
     python -m benchmarks.search --data-root ../shared/datasets [--samples 32] [--arms ours,tutorial]
 
-`glibc` is a third arm: ours with glibc's malloc instead of jemalloc (`TUNING_JEMALLOC=0`). An
-arm named twice runs twice (`--arms ours,glibc,ours,glibc`, reported as ours#2, glibc#2).
+`glibc` is a third arm: ours with glibc's malloc instead of jemalloc (`TUNING_JEMALLOC=0`).
+`--code NAME=DIR` adds an arm NAME: ours with the code in DIR (a git worktree of another commit or
+of a change under test), its commit recorded. An arm named twice runs twice
+(`--arms ours,glibc,ours,glibc`, reported as ours#2, glibc#2).
 
 Each arm is a child process; its wall-clock and peak memory (the sum of PSS over the process and
 all its descendants, Ray's workers included, sampled every second) are measured from outside.
@@ -59,11 +61,11 @@ def tree_pss(root: int) -> dict[str, int]:
     return found
 
 
-def run_arm(cmd: list[str], env: dict[str, str], log: Path) -> dict:
+def run_arm(cmd: list[str], env: dict[str, str], log: Path, cwd: str | None = None) -> dict:
     peak: list = [0, {}]  # total, and the processes at that moment
     start = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
 
         def sample() -> None:
             while proc.poll() is None:
@@ -86,10 +88,10 @@ def run_arm(cmd: list[str], env: dict[str, str], log: Path) -> dict:
             "peak_by_process_gb": {k: round(v / 2**30, 3) for k, v in top}}
 
 
-def commit() -> str:
+def commit(tree: Path = HERE) -> str:
     """The code measured: a result without it cannot be compared with a later one."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(HERE), *args], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True).stdout.strip()
 
     # the results a benchmark writes as it goes are not a change to the code it measures
     changed = git("status", "--porcelain", "--", ":(top)", ":(top,exclude)benchmarks/results")
@@ -139,6 +141,8 @@ def main() -> None:
     p.add_argument("--arms", default="ours,tutorial")
     p.add_argument("--storage", default=None, help="run dirs (default: a fresh temporary dir)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "search.json")
+    p.add_argument("--code", action="append", default=[], metavar="NAME=DIR",
+                   help="an arm NAME: ours with the code in DIR (a worktree of another commit)")
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
     args = p.parse_args()
     if args.arm == "tutorial":
@@ -148,7 +152,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     ours = [sys.executable, "-m", "tuning.run", args.experiment, "--samples", str(args.samples),
-            "--seed", str(args.seed), "--data-root", str(args.data_root), "--storage", str(work)]
+            "--seed", str(args.seed), "--data-root", str(args.data_root.resolve()), "--storage", str(work)]
     commands = {
         "ours": ours,
         "glibc": list(ours),  # the same command with glibc's malloc (tuning.lib.allocator)
@@ -156,6 +160,9 @@ def main() -> None:
                      "--samples", str(args.samples), "--seed", str(args.seed), "--data-root", str(args.data_root),
                      "--storage", str(work)],
     }
+    code = dict(spec.split("=", 1) for spec in args.code)  # arm -> the tree its code comes from
+    for arm in code:
+        commands[arm] = list(ours)
     if args.epochs:
         for cmd in commands.values():
             cmd += ["--epochs", str(args.epochs)]
@@ -167,12 +174,16 @@ def main() -> None:
         slug = key.replace("#", "-")
         cmd = commands[arm] + (["--name", slug] if arm != "tutorial" else [])
         arm_env = {**env, "TUNING_CACHE_DIR": str(work / f"cache-{slug}"), **({"TUNING_JEMALLOC": "0"} if arm == "glibc" else {})}
-        results[key] = run_arm(cmd, arm_env, work / f"{slug}.log")
+        tree = str(Path(code[arm]).resolve()) if arm in code else None
+        if tree:  # `python -m` imports from its working dir first; Ray's workers from PYTHONPATH
+            arm_env["PYTHONPATH"] = f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+        results[key] = run_arm(cmd, arm_env, work / f"{slug}.log", cwd=tree)
         r = results[key]
         print(f"{key:>9}: {r['wall_s']:8.0f} s   best val_acc {r['best_val_acc']:.4f}   peak memory {r['peak_pss_gb']:.2f} GB",
               flush=True)
     summary = {"commit": commit(), "versions": versions(), "experiment": args.experiment, "samples": args.samples, "seed": args.seed,
                "cpus": os.cpu_count(),
+               "code": {arm: {"dir": tree, "commit": commit(Path(tree))} for arm, tree in code.items()},
                "arms": results}
     if {"ours", "tutorial"} <= results.keys():
         summary["speedup"] = results["tutorial"]["wall_s"] / results["ours"]["wall_s"]

@@ -110,7 +110,6 @@ def fit(
         schedule.step()
         val_loss, val_acc, logits = evaluate_logits(model, val)
         report(model, optimizer, schedule, (epoch + 1, 0), {M.VAL_ACC: val_acc, M.VAL_LOSS: val_loss, **done}, logits)
-        release_memory()
 
 
 def initial_head(

@@ -110,8 +110,8 @@ def using_jemalloc() -> bool:
 def release_memory() -> None:
     """Hand the heap that a trial freed back to the OS. Ray reuses a trial's worker for the next
     trial, and a freed heap kept would add up to twice a step's peak (glibc keeps it in per-thread
-    arenas, jemalloc as configured above). Not at each epoch's end: the pages faulted in again
-    cost the 32-sample search about 9 % of its time, and its peak memory stayed the same."""
+    arenas, jemalloc as configured above). Not at each epoch's end: every epoch then faulted its
+    pages in again, for no lower peak (benchmarks/README.md, search)."""
     gc.collect()
     if MALLCTL is not None:
         MALLCTL(PURGE_ALL_ARENAS, None, None, None, ctypes.c_size_t(0))

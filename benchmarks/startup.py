@@ -68,7 +68,7 @@ def floor_arm(started: float) -> dict:
     from ray import tune
 
     imported_cpu = cpu_seconds()  # the command's driver imports Ray too: counted there
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray_ready = time.time() - started
 
     def trial(config: dict) -> None:
